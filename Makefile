@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` (the end-to-end demo on generated data, CPU) and
+# `make test` (lint + the whole test suite). Each creates .venv and installs what it needs on first use.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+
+.PHONY: demo test lint install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/ldm-data synth --out $(RUN)/shards --num 2000 --shard-size 250 --size 64 --seed 0 --workers 2
+	$(BIN)/ldm-data validate $(RUN)/shards
+	$(BIN)/ldm-data stream $(RUN)/shards --resolution 64 --batch-size 32 --workers 2 --batches 50
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,35 @@
+"""Errors raised by the data pipeline. Each names the file, key or value at fault."""
+
+from __future__ import annotations
+
+
+class ShardNotFoundError(FileNotFoundError):
+    """A shard pattern matched no file (or a listed shard is missing)."""
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class DataQualityError(RuntimeError):
+    """Too many bad samples: the configured maximum bad fraction was exceeded."""
+
+
+# Every reason a sample can be skipped for, in the order reports list them.
+REASONS = (
+    "truncated_tar",  # the shard ends in the middle of a sample or header (one count per truncated shard)
+    "unreadable_tar",  # not a tar file at all, or a garbled header (one count per shard)
+    "missing_image",
+    "zero_byte",
+    "undecodable_image",
+    "too_many_pixels",
+    "too_small",
+    "bad_aspect",
+    "missing_caption",
+    "non_utf8_caption",
+    "bad_latent",
+)

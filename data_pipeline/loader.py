@@ -1,0 +1,330 @@
+"""The streaming loader training uses: shards -> raw samples -> decode -> batch, on DataLoader workers, with
+skip counters and an exact, resumable position.
+
+Batches are assembled inside the workers; each carries its worker's position so the main process knows
+precisely what was consumed (prefetched batches are not). With ``W`` workers the DataLoader hands out batches
+round-robin, so batch ``b`` comes from logical worker ``b mod W``; a resumed loader maps physical workers onto
+logical ones so the round-robin continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import DataConfig
+from .errors import DataQualityError, SampleError
+from .samples import ImageLimits, caption_text, decode_rgb, metadata
+from .stream import Cursor, StreamPlan, iter_raw
+from .tario import RawSample
+from .transforms import choose_caption, crop_resize, sample_rng
+from .urls import expand_shards, shards_digest
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+Decoder = Callable[[RawSample, int], dict]
+Collate = Callable[[list[dict]], dict]
+
+
+@dataclass
+class Counters:
+    """Samples seen, valid and skipped (by reason) by one worker since the run began."""
+
+    seen: int = 0
+    valid: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.seen += 1
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"seen": self.seen, "valid": self.valid, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Counters:
+        return cls(int(d["seen"]), int(d["valid"]), {k: int(v) for k, v in d["skipped"].items()})
+
+
+def sum_counters(items: list[Counters]) -> dict:
+    """Totals over workers: ``{"seen", "valid", "skipped": {reason: n}, "skipped_total"}``."""
+    total = Counters()
+    for c in items:
+        total.seen += c.seen
+        total.valid += c.valid
+        for k, v in c.skipped.items():
+            total.skipped[k] = total.skipped.get(k, 0) + v
+    out = total.to_dict()
+    out["skipped_total"] = sum(total.skipped.values())
+    return out
+
+
+class ImageDecoder:
+    """Raw sample -> {pixels, caption, ...}: checks, decode, resize + crop, flip, caption choice and dropout."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.limits = ImageLimits(cfg.min_size, cfg.max_pixels, cfg.max_aspect)
+
+    def __call__(self, raw: RawSample, epoch: int) -> dict:
+        cfg = self.cfg
+        rng = sample_rng(cfg.seed, epoch, raw.key)
+        text = caption_text(raw, cfg.caption_key)
+        pixels, size = decode_rgb(raw, self.limits, cfg.resolution)
+        pixels, top_left = crop_resize(pixels, cfg.resolution, cfg.crop, rng)
+        if cfg.hflip and rng.random() < 0.5:
+            pixels = pixels.flip(-1)
+        caption = choose_caption(text, cfg.caption_choice, rng)
+        if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
+            caption = ""
+        item = {"pixels": pixels, "caption": caption, "key": raw.key, "size": size, "crop": top_left}
+        if cfg.keep_json:
+            item["json"] = metadata(raw)
+        return item
+
+
+def collate_images(items: list[dict]) -> dict:
+    """Stack decoded samples: ``image`` is uint8 (B, 3, H, W) in channels-last memory layout.
+
+    Decoders produce HWC buffers (seen as CHW views), so stacking the HWC views is a plain copy."""
+    batch = {
+        "image": torch.stack([it["pixels"].permute(1, 2, 0) for it in items]).permute(0, 3, 1, 2),
+        "caption": [it["caption"] for it in items],
+        "key": [it["key"] for it in items],
+        "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
+        "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
+    }
+    if "json" in items[0]:
+        batch["json"] = [it["json"] for it in items]
+    return batch
+
+
+class _ShardDataset(IterableDataset):
+    """Runs in each DataLoader worker: the slot's raw stream, decoded and batched."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plan: StreamPlan,
+        rank: int,
+        world: int,
+        workers: int,
+        batch_offset: int,
+        cursors: list[Cursor],
+        counters: list[Counters],
+        decode: Decoder,
+        collate: Collate,
+    ):
+        self.cfg, self.plan, self.rank, self.world, self.workers = cfg, plan, rank, world, workers
+        self.batch_offset, self.cursors, self.counters = batch_offset, cursors, counters
+        self.decode, self.collate = decode, collate
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (self.batch_offset + physical) % self.workers
+        slot = self.rank * self.workers + logical
+        nslots = self.world * self.workers
+        counters = Counters.from_dict(self.counters[logical].to_dict())
+        cfg, items = self.cfg, []
+        for raw, epoch, cursor, errors in iter_raw(self.plan, slot, nslots, self.cursors[logical]):
+            for err in errors:
+                counters.skip(err.reason)
+                log.warning("skipping: %s", err.detail)
+            if raw is None:
+                continue
+            try:
+                item = self.decode(raw, epoch)
+            except SampleError as exc:
+                counters.skip(exc.reason)
+                bad = counters.seen - counters.valid
+                if (
+                    counters.seen >= cfg.bad_fraction_min_samples
+                    and bad > cfg.max_bad_fraction * counters.seen
+                ):
+                    raise DataQualityError(
+                        f"{bad} of {counters.seen} samples were bad (> data.max_bad_fraction="
+                        f"{cfg.max_bad_fraction}) on rank {self.rank} worker {logical}: {counters.skipped}; "
+                        f"last: {exc}"
+                    ) from None
+                continue
+            counters.seen += 1
+            counters.valid += 1
+            item["epoch"] = epoch
+            items.append(item)
+            if len(items) == cfg.batch_size:
+                batch = self.collate(items)
+                batch["epoch"] = torch.tensor([it["epoch"] for it in items], dtype=torch.long)
+                batch["_loader"] = {
+                    "worker": logical,
+                    "cursor": cursor.to_dict(),
+                    "counters": counters.to_dict(),
+                }
+                items = []
+                yield batch
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class StreamingLoader:
+    """An endless stream of batches for one rank, with ``state_dict()`` / ``load_state_dict()``.
+
+    Iterating yields batches forever (epochs follow one another inside each worker; ``batch["epoch"]``
+    says which epoch each sample belongs to). Each ``iter()`` starts workers from the current state.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode: Decoder | None = None,
+        collate: Collate | None = None,
+    ):
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.shards = expand_shards(cfg.urls, cfg.allow_pipe)
+        self.workers = max(1, cfg.num_workers)
+        nslots = self.world * self.workers
+        if cfg.resampled and cfg.epoch_samples <= 0:
+            raise ValueError(
+                "data.resampled=true needs data.epoch_samples > 0 (samples per epoch, all ranks)"
+            )
+        if not cfg.resampled and len(self.shards) < nslots:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {self.world} ranks x {self.workers} workers = {nslots} "
+                "readers without some getting none: use more shards, fewer data.num_workers, "
+                "or data.resampled=true (with data.epoch_samples)"
+            )
+        if cfg.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+        self.plan = StreamPlan(
+            tuple(self.shards),
+            cfg.seed,
+            cfg.shuffle_buffer,
+            cfg.shard_shuffle,
+            cfg.resampled,
+            cfg.epoch_samples,
+        )
+        self.decode = decode or ImageDecoder(cfg)
+        self.collate = collate or collate_images
+        self.batches = 0
+        self.cursors = [Cursor() for _ in range(self.workers)]
+        self.worker_counters = [Counters() for _ in range(self.workers)]
+
+    # -- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly after the last batch handed out."""
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world,
+            "num_workers": self.workers,
+            "seed": self.cfg.seed,
+            "shards": shards_digest(self.shards),
+            "batches": self.batches,
+            "cursors": [c.to_dict() for c in self.cursors],
+            "counters": [c.to_dict() for c in self.worker_counters],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. With another world size, worker count, seed or shard list the exact
+        position cannot carry over: the loader restarts the earliest epoch in progress under the new split
+        (some samples of that epoch may be seen twice; none is skipped) and keeps the skip counters."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        counters = [Counters.from_dict(c) for c in state["counters"]]
+        same = (state["world_size"], state["num_workers"], state["seed"], state["shards"]) == (
+            self.world,
+            self.workers,
+            self.cfg.seed,
+            shards_digest(self.shards),
+        )
+        if same:
+            self.batches = int(state["batches"])
+            self.cursors = [Cursor.from_dict(c) for c in state["cursors"]]
+            self.worker_counters = counters
+            return
+        epoch = min(int(c["epoch"]) for c in state["cursors"])
+        log.warning(
+            "data loader state was saved with world_size=%s num_workers=%s (now %s, %s) or other shards/seed: "
+            "restarting epoch %d under the new split",
+            state["world_size"],
+            state["num_workers"],
+            self.world,
+            self.workers,
+            epoch,
+        )
+        self.batches = 0
+        self.cursors = [Cursor(epoch=epoch) for _ in range(self.workers)]
+        total = sum_counters(counters)
+        self.worker_counters = [Counters(total["seen"], total["valid"], total["skipped"])] + [
+            Counters() for _ in range(self.workers - 1)
+        ]
+
+    def counters(self) -> dict:
+        """Samples seen / valid / skipped by reason on this rank, as of the last batch handed out."""
+        return sum_counters(self.worker_counters)
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch any worker of this rank is still in."""
+        return min(c.epoch for c in self.cursors)
+
+    # -- iteration ---------------------------------------------------------------------------------------
+    def _dataloader(self) -> DataLoader:
+        cfg = self.cfg
+        dataset = _ShardDataset(
+            cfg,
+            self.plan,
+            self.rank,
+            self.world,
+            self.workers,
+            self.batches,
+            self.cursors,
+            self.worker_counters,
+            self.decode,
+            self.collate,
+        )
+        kwargs: dict[str, Any] = {}
+        if cfg.num_workers > 0:
+            kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers}
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self._dataloader():
+            info = batch.pop("_loader")
+            w = int(info["worker"])
+            self.cursors[w] = Cursor.from_dict(info["cursor"])
+            self.worker_counters[w] = Counters.from_dict(info["counters"])
+            self.batches += 1
+            yield batch
+
+
+def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:
+    """The loader for ``cfg.kind`` (``images`` now; ``latents`` reads precomputed latent shards)."""
+    if cfg.kind == "images":
+        return StreamingLoader(cfg, rank, world_size)
+    if cfg.kind == "latents":
+        from .latents import latent_loader
+
+        return latent_loader(cfg, rank, world_size)
+    raise ValueError(f"data.kind must be 'images' or 'latents', got {cfg.kind!r}")

@@ -1,0 +1,178 @@
+"""Reading WebDataset tar shards sample by sample, with exact accounting of truncated or broken shards.
+
+A sample is the run of consecutive tar members that share a key (WebDataset's rule: the key is the path up
+to the first dot of the file name, the rest is the extension). The headers are parsed here rather than by
+``tarfile``: it is ~20x cheaper per member (it was half the loader's time) and tells a clean end of archive
+from a file cut short, which ``tarfile``'s stream mode silently conflates. ustar, GNU long names and pax
+headers are understood; other member types (directories, links) are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from webdataset.gopen import gopen_pipe
+from webdataset.tariterators import base_plus_ext
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded files: extension -> bytes."""
+
+    key: str
+    url: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    index: int = 0  # position of the sample in its shard
+
+
+@dataclass
+class ShardError:
+    """Why reading a shard stopped early: ``truncated_tar`` or ``unreadable_tar``."""
+
+    url: str
+    reason: str
+    detail: str
+
+
+class _Cut(Exception):
+    """The shard ends inside a header (``name`` None) or inside the member ``name``."""
+
+    def __init__(self, detail: str, name: str | None = None, at: int = -1):
+        super().__init__(detail)
+        self.name, self.at = name, at
+
+
+class _Garbled(Exception):
+    """A header fails its checksum."""
+
+
+def _octal(field_: bytes) -> int:
+    if field_ and field_[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
+        return int.from_bytes(field_[1:], "big")
+    digits = field_.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 256 + sum(header[156:])
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    pos, path = 0, None
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
+
+
+def iter_members(stream) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of the regular members of a tar stream; raise _Cut / _Garbled on damage."""
+    read = stream.read
+    long_name: str | None = None
+    offset = 0
+    while True:
+        header = read(BLOCK)
+        if len(header) < BLOCK:
+            raise _Cut(f"cut short inside the header at byte {offset + len(header)}", at=offset + len(header))
+        if header.count(0) == BLOCK:
+            return  # end-of-archive marker
+        if not _checksum_ok(header):
+            raise _Garbled(f"garbled header at byte {offset}")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if long_name is not None:
+            name = long_name
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        data = read(size)
+        if len(data) < size:
+            raise _Cut(f"cut short inside {name} at byte {offset + BLOCK + len(data)}", name)
+        if padded > size and len(read(padded - size)) < padded - size:
+            raise _Cut(f"cut short after {name} at byte {offset + BLOCK + size}", name)
+        offset += BLOCK + padded
+        if kind in (b"L", b"x"):
+            long_name = (
+                data.rstrip(b"\0").decode("utf-8", "surrogateescape") if kind == b"L" else _pax_path(data)
+            )
+            continue
+        long_name = None
+        if kind in _REGULAR:
+            yield name, data
+
+
+def _open(url: str):
+    if url.startswith("pipe:"):
+        return gopen_pipe(url, "rb")  # the caller checked data.allow_pipe
+    return open(url, "rb", buffering=1 << 20)
+
+
+def iter_shard(url: str, errors: list[ShardError] | None = None, skip: int = 0) -> Iterator[RawSample]:
+    """Yield the complete samples of one shard, in order.
+
+    A shard cut short or with a garbled header ends early: the samples whose members were all read are
+    yielded, the sample whose member was cut is dropped, and one :class:`ShardError` is appended to
+    ``errors`` (``truncated_tar`` or ``unreadable_tar``). ``skip`` samples at the start are read past
+    without being yielded (used to resume in the middle of a shard).
+    """
+    errors = errors if errors is not None else []
+    try:
+        stream = _open(url)
+    except OSError as exc:
+        errors.append(ShardError(url, "unreadable_tar", f"cannot open {url}: {exc}"))
+        return
+    pending: RawSample | None = None
+    index = 0
+    started = False
+    try:
+        for name, data in iter_members(stream):
+            started = True
+            key, ext = base_plus_ext(name)
+            if key is None or key.rsplit("/", 1)[-1].startswith("__"):
+                continue
+            if pending is not None and key != pending.key:
+                if index >= skip:
+                    yield pending
+                index += 1
+                pending = None
+            if pending is None:
+                pending = RawSample(key=key, url=url, index=index)
+            pending.files[ext.lower()] = data
+        if pending is not None and index >= skip:
+            yield pending
+    except (_Cut, _Garbled) as exc:
+        # Members read before the damage are intact: a sample is lost only if the cut member was its own.
+        cut_key = base_plus_ext(exc.name)[0] if isinstance(exc, _Cut) and exc.name else None
+        if pending is not None and pending.key != cut_key and index >= skip:
+            yield pending
+        if isinstance(exc, _Garbled):
+            detail = f"{url} has a {exc}" if started else f"{url} is not a tar file"
+            errors.append(ShardError(url, "unreadable_tar", detail))
+        elif exc.at == 0:
+            errors.append(ShardError(url, "unreadable_tar", f"{url} is empty"))
+        else:
+            errors.append(ShardError(url, "truncated_tar", f"{url} is {exc}"))
+    except OSError as exc:  # an I/O error, or a pipe: command that failed: the sample in flight is dropped
+        errors.append(ShardError(url, "truncated_tar" if started else "unreadable_tar", f"{url}: {exc}"))
+    finally:
+        try:
+            stream.close()
+        except OSError as exc:  # a pipe: command that exited with an error
+            if not errors or errors[-1].url != url:
+                errors.append(ShardError(url, "unreadable_tar", f"{url}: {exc}"))

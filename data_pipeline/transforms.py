@@ -1,0 +1,52 @@
+"""Per-sample transforms: crop + resize, caption choice. Randomness comes from a per-sample generator so
+that a sample's augmentation does not depend on rank, worker or batch order."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """A generator for one sample in one epoch (same on every rank and worker count)."""
+    return random.Random(f"{seed}:{epoch}:{key}")
+
+
+def crop_resize(
+    pixels: torch.Tensor, resolution: int, crop: str, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Square crop of a uint8 (3, H, W) image resized to ``resolution`` (bicubic, antialiased).
+
+    Equivalent to resizing the shorter side to ``resolution`` and cropping, but only the kept region is
+    resized. Returns the pixels and the crop's top-left corner in resized coordinates (SDXL's crop
+    conditioning convention).
+    """
+    _, h, w = pixels.shape
+    side = min(h, w)
+    scale = resolution / side
+    rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    if crop == "center":
+        top, left = (rh - resolution) // 2, (rw - resolution) // 2
+    elif crop == "random":
+        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
+    else:
+        raise ValueError(f"data.crop must be 'center' or 'random', got {crop!r}")
+    t0, l0 = min(round(top / scale), h - side), min(round(left / scale), w - side)
+    pixels = pixels[:, t0 : t0 + side, l0 : l0 + side]
+    if side != resolution:
+        pixels = TF.resize(pixels, [resolution, resolution], TF.InterpolationMode.BICUBIC, antialias=True)
+    return pixels, (top, left)
+
+
+def choose_caption(text: str, mode: str, rng: random.Random) -> str:
+    """Pick one caption when the text holds several (one per line): ``first`` or ``random``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if mode == "first" or len(lines) == 1:
+        return lines[0]
+    if mode == "random":
+        return lines[rng.randrange(len(lines))]
+    raise ValueError(f"data.caption_choice must be 'first' or 'random', got {mode!r}")
