@@ -1,0 +1,158 @@
+"""Our UNet against diffusers' UNet2DConditionModel: weights converted both ways give the same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from trainer.models.convert import (
+    diffusers_unet_config,
+    unet_config_from_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+from trainer.models.unet import UNetConfig, UNetModel
+
+TINY = dict(
+    model_channels=32,
+    channel_mult=[1, 2, 2],
+    num_res_blocks=2,
+    attention_resolutions=[1, 2],
+    num_heads=2,
+    context_dim=24,
+    norm_groups=8,
+    sample_size=8,
+)
+VARIANTS = {
+    "text": UNetConfig(**TINY),
+    "linear_headdim_classes": UNetConfig(
+        **{
+            **TINY,
+            "num_heads": -1,
+            "head_dim": 8,
+            "use_linear_in_transformer": True,
+            "num_classes": 10,
+            "transformer_depth": 2,
+        }
+    ),
+    "inpainting_concat": UNetConfig(**{**TINY, "in_channels": 9, "attention_resolutions": [2, 4]}),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def inputs(cfg: UNetConfig, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    t = torch.tensor([3, 871])
+    ctx = torch.randn(2, 5, cfg.context_dim, generator=g)
+    y = torch.tensor([1, 7]) if cfg.num_classes else None
+    return x, t, ctx, y
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero everywhere (our zero-initialised output layers would hide mapping errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if is_norm_scale else 0.0))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_diffusers_to_ours_and_back(name):
+    cfg = VARIANTS[name]
+    ref = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
+    ours = UNetModel(cfg).eval()
+    ours.load_state_dict(unet_from_diffusers(ref.state_dict(), cfg), strict=True)
+    x, t, ctx, y = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, ctx, class_labels=y).sample
+        got = ours(x, t, ctx, y)
+    assert rel_err(got, want) < 1e-5
+
+    randomize(ours, seed=1)
+    ref.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True)
+    with torch.no_grad():
+        assert rel_err(ours(x, t, ctx, y), ref(x, t, ctx, class_labels=y).sample) < 1e-5
+    assert unet_config_from_diffusers(dict(ref.config)) == UNetConfig(
+        **{**vars(cfg), "_target_": cfg._target_}
+    )
+
+
+# The configs of the released checkpoints (config.json of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-base), and their published parameter counts.
+SD15 = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    block_out_channels=[320, 640, 1280, 1280],
+    attention_head_dim=8,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+SD2 = {
+    **SD15,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
+
+
+@pytest.mark.parametrize("name,reference,count", [("sd15", SD15, 859_520_964), ("sd2", SD2, 865_910_724)])
+def test_real_shapes_match_diffusers_parameter_counts(name, reference, count):
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(OmegaConf.load(f"conf/unet/{name}.yaml"))
+    with torch.device("meta"):
+        ours = UNetModel(**fields)
+        ref = UNet2DConditionModel(**reference)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    assert n_ours == sum(p.numel() for p in ref.parameters()) == count
+    assert set(unet_to_diffusers({k: v for k, v in ours.state_dict().items()}, ours.config)) == set(
+        ref.state_dict()
+    )
+
+
+def test_attention_backends_agree_and_xformers_fails_clearly_on_cpu():
+    cfg = VARIANTS["text"]
+    sdpa = UNetModel(cfg).eval()
+    randomize(sdpa)
+    math = UNetModel(UNetConfig(**{**vars(cfg), "attention": "math"})).eval()
+    math.load_state_dict(sdpa.state_dict())
+    x, t, ctx, _ = inputs(cfg)
+    with torch.no_grad():
+        assert rel_err(math(x, t, ctx), sdpa(x, t, ctx)) < 1e-5
+    with pytest.raises((ImportError, RuntimeError), match="xformers"):
+        m = UNetModel(UNetConfig(**{**vars(cfg), "attention": "xformers"}))
+        m(x, t, ctx)
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        UNetModel(UNetConfig(**{**vars(cfg), "attention": "flash"}))
+
+
+def test_gradient_checkpointing_and_channels_last_change_nothing():
+    cfg = VARIANTS["linear_headdim_classes"]
+    base = UNetModel(cfg)
+    randomize(base)
+    ckpt = UNetModel(UNetConfig(**{**vars(cfg), "gradient_checkpointing": True}))
+    ckpt.load_state_dict(base.state_dict())
+    x, t, ctx, y = inputs(cfg)
+    out_a = base(x, t, ctx, y)
+    out_a.square().mean().backward()
+    out_b = ckpt(x.to(memory_format=torch.channels_last), t, ctx, y)
+    out_b.square().mean().backward()
+    assert rel_err(out_b, out_a) < 1e-5
+    for (name, pa), pb in zip(base.named_parameters(), ckpt.parameters(), strict=True):
+        assert rel_err(pb.grad, pa.grad) < 1e-4, name
+
+
+def test_class_conditional_model_needs_labels():
+    cfg = VARIANTS["linear_headdim_classes"]
+    x, t, ctx, _ = inputs(cfg)
+    with pytest.raises(ValueError, match="class-conditional"):
+        UNetModel(cfg)(x, t, ctx)

@@ -1,0 +1,72 @@
+"""ldm-info: ZeRO memory formulas against the ZeRO paper, FLOPs against hand counts, the CLI on a tiny config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.plan import _flops, zero_memory
+
+
+def test_zero_memory_reproduces_the_zero_paper_example():
+    # Rajbhandari et al. 2020, Figure 1: 7.5B parameters, 64 GPUs, mixed-precision Adam (K = 12)
+    m = zero_memory(7_500_000_000, 0, 64, "bf16")
+    gb = {s: m[f"stage_{s}"]["total"] / 1e9 for s in range(4)}
+    assert gb[0] == pytest.approx(120.0)
+    assert gb[1] == pytest.approx(31.4, abs=0.01)
+    assert gb[2] == pytest.approx(16.6, abs=0.05)
+    assert gb[3] == pytest.approx(1.875)
+    fp32 = zero_memory(1000, 10, 4, "fp32")
+    assert fp32["stage_2"] == {"params": 4000, "grads": 1000, "optimizer": 2000, "total": 7040}
+
+
+def test_flop_counter_matches_hand_count():
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64)
+    assert _flops(lambda: lin(x)) == 2 * 8 * 64 * 32
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    assert _flops(lambda: conv(torch.randn(1, 4, 16, 16))) == 2 * 16 * 16 * 8 * 4 * 9
+
+
+def test_cli_prints_a_plan_for_tiny_models():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.info",
+            "unet=tiny",
+            "autoencoder=tiny",
+            "text_encoder=tiny_clip",
+            "resolution=32",
+            "world_size=2",
+            "precision=fp32",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plan = json.loads(out.stdout)
+    assert plan["latent_size"] == 8
+    assert plan["modules"]["text_encoder"] == {"total": 3_319_168, "trainable": 0}
+    f = plan["flops_per_sample"]
+    assert 2.5 < f["unet_train"] / f["unet_forward"] < 3.1  # backward ~ 2x forward
+    assert (
+        f["train_step_encoding_images"]
+        == f["unet_train"] + f["text_encoder_forward"] + f["autoencoder_encode"]
+    )
+    z = plan["zero_model_states_per_rank_bytes"]
+    assert z["trainable_params"] == plan["modules"]["unet"]["trainable"]
+    assert z["stage_3"]["params"] * 2 == z["stage_0"]["params"]
+
+
+def test_bad_resolution_and_typos_fail_naming_the_key():
+    base = [sys.executable, "-m", "trainer.info", "unet=tiny", "autoencoder=tiny", "text_encoder=tiny_clip"]
+    out = subprocess.run([*base, "resolution=36"], capture_output=True, text=True)
+    assert out.returncode != 0 and "resolution 36 is not divisible" in out.stderr
+    out = subprocess.run([*base, "+unet.num_head=4"], capture_output=True, text=True)
+    assert out.returncode != 0 and "num_head" in out.stderr and "unet" in out.stderr

@@ -1,0 +1,210 @@
+"""Condition encoders behind one interface: ``encoder(conditions) -> Conditioning(tokens, pooled, mask)``.
+
+* ``OpenCLIPTextEncoder`` — frozen OpenCLIP text tower, SD 2.x style (penultimate block, then ``ln_final``).
+  Weights come from a pretrained tag (downloaded by open_clip in real runs) or a local checkpoint file; with
+  neither it is randomly initialised (tests). Only the text tower is ever built.
+* ``TransformerTextEncoder`` — a transformer trained jointly with the UNet (the LDM paper's text-to-image).
+* ``ClassEmbedder`` — class labels (with a null class for classifier-free guidance).
+
+``trainable`` says whether the training engine optimizes the encoder; frozen ones stay outside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_OPENCLIP = "ldm-tiny-text"
+_TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+@dataclass
+class Conditioning:
+    tokens: torch.Tensor  # (B, T, D): what the UNet cross-attends to
+    pooled: torch.Tensor  # (B, D'): one vector per condition
+    mask: torch.Tensor  # (B, T) bool: real (not padding) tokens
+
+
+@dataclass
+class OpenCLIPConfig:
+    _target_: str = "trainer.models.text_encoders.OpenCLIPTextEncoder"
+    model_name: str = "ViT-H-14"
+    pretrained: str = (
+        ""  # an open_clip tag (laion2b_s32b_b79k) or a checkpoint file; "" = random init (tests only)
+    )
+    layer: str = "penultimate"  # penultimate (SD 2.x) | last
+    trainable: bool = False
+    model_config: dict[str, Any] = field(default_factory=dict)  # register an architecture under model_name
+
+
+@dataclass
+class TransformerTextConfig:
+    _target_: str = "trainer.models.text_encoders.TransformerTextEncoder"
+    width: int = 512
+    layers: int = 8
+    heads: int = 8
+    context_length: int = 77
+    trainable: bool = True
+
+
+@dataclass
+class ClassEmbedderConfig:
+    _target_: str = "trainer.models.text_encoders.ClassEmbedder"
+    num_classes: int = 1000
+    dim: int = 512
+    trainable: bool = True
+
+
+def _tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)  # the BPE vocabulary ships with open_clip
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd)
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """Frozen OpenCLIP text tower; ``tokens`` are the penultimate (or last) block's output through ``ln_final``."""
+
+    def __init__(self, config: OpenCLIPConfig | None = None, **fields):
+        super().__init__()
+        import open_clip
+        from open_clip.factory import _MODEL_CONFIGS, get_model_config
+        from open_clip.model import _build_text_tower
+
+        fields.pop("_target_", None)
+        cfg = config if config is not None else OpenCLIPConfig(**fields)
+        self.config, self.trainable = cfg, cfg.trainable
+        if cfg.layer not in ("penultimate", "last"):
+            raise ValueError(f"text_encoder.layer must be 'penultimate' or 'last', got {cfg.layer!r}")
+        if cfg.model_config:
+            _MODEL_CONFIGS[cfg.model_name] = dict(cfg.model_config)
+        elif cfg.model_name == TINY_OPENCLIP:
+            _MODEL_CONFIGS[TINY_OPENCLIP] = _TINY_CFG
+        arch = get_model_config(cfg.model_name)
+        if arch is None:
+            raise ValueError(f"text_encoder.model_name {cfg.model_name!r} is not an open_clip architecture")
+        self.text = _build_text_tower(arch["embed_dim"], arch["text_cfg"])
+        if cfg.pretrained:
+            self._load_pretrained(cfg, open_clip)
+        self.tokenizer = _tokenizer(self.text.context_length)
+        self.context_dim = self.text.transformer.width
+        if not self.trainable:
+            self.eval().requires_grad_(False)
+
+    def _load_pretrained(self, cfg: OpenCLIPConfig, open_clip) -> None:
+        path = Path(cfg.pretrained).expanduser()
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or "/" in cfg.pretrained:
+            if not path.is_file():
+                raise FileNotFoundError(f"text_encoder.pretrained: checkpoint {str(path)!r} does not exist")
+            sd = _load_state_dict(path)
+        else:  # a pretrained tag: open_clip fetches (or finds in its cache) the full CLIP checkpoint
+            sd = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained).state_dict()
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        text_sd = {k: v for k, v in sd.items() if k in self.text.state_dict()}
+        missing = set(self.text.state_dict()) - set(text_sd)
+        if missing:
+            raise KeyError(
+                f"text_encoder.pretrained {cfg.pretrained!r} lacks text weights: {sorted(missing)[:5]}"
+            )
+        self.text.load_state_dict(text_sd)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions))
+
+    def forward(self, captions: list[str]) -> Conditioning:
+        t = self.text
+        ids = self.tokenize(captions).to(t.token_embedding.weight.device)
+        x = t.token_embedding(ids) + t.positional_embedding
+        blocks = t.transformer.resblocks
+        stop = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
+        for block in blocks[:stop]:
+            x = block(x, attn_mask=t.attn_mask)
+        tokens = t.ln_final(x)
+        if stop < len(blocks):  # the pooled embedding is CLIP's: from the last block
+            x = blocks[-1](x, attn_mask=t.attn_mask)
+        pooled = t.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        if t.text_projection is not None:
+            proj = t.text_projection
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return Conditioning(tokens, pooled, ids != 0)
+
+
+class TransformerTextEncoder(nn.Module):
+    """A bidirectional transformer over CLIP BPE tokens, trained with the UNet (LDM's BERT-style encoder)."""
+
+    def __init__(self, config: TransformerTextConfig | None = None, **fields):
+        super().__init__()
+        fields.pop("_target_", None)
+        cfg = config if config is not None else TransformerTextConfig(**fields)
+        self.config, self.trainable, self.context_dim = cfg, cfg.trainable, cfg.width
+        self.tokenizer = _tokenizer(cfg.context_length)
+        self.token_embedding = nn.Embedding(len(self.tokenizer.encoder), cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            cfg.width,
+            cfg.heads,
+            4 * cfg.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if not self.trainable:
+            self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions))
+
+    def forward(self, captions: list[str]) -> Conditioning:
+        ids = self.tokenize(captions).to(self.token_embedding.weight.device)
+        mask = ids != 0
+        x = self.token_embedding(ids) + self.positional_embedding
+        tokens = self.ln_final(self.transformer(x, src_key_padding_mask=~mask))
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return Conditioning(tokens, pooled, mask)
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels -> one token each; label ``num_classes`` (or -1) is the null class for guidance."""
+
+    def __init__(self, config: ClassEmbedderConfig | None = None, **fields):
+        super().__init__()
+        fields.pop("_target_", None)
+        cfg = config if config is not None else ClassEmbedderConfig(**fields)
+        self.config, self.trainable, self.context_dim = cfg, cfg.trainable, cfg.dim
+        self.embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)
+        if not self.trainable:
+            self.requires_grad_(False)
+
+    def forward(self, labels: torch.Tensor | list[int]) -> Conditioning:
+        y = torch.as_tensor(labels, device=self.embedding.weight.device).long()
+        y = torch.where(y < 0, torch.full_like(y, self.config.num_classes), y)
+        pooled = self.embedding(y)
+        return Conditioning(
+            pooled[:, None], pooled, torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
+        )

@@ -1,0 +1,110 @@
+"""What a model config costs before anything runs: parameters per module, training FLOPs per sample, and the
+per-rank memory of model states under ZeRO stages 0-3 (Rajbhandari et al., 2020). Everything is built on the
+meta device, so the real SD shapes need no memory."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def count(module: torch.nn.Module | None) -> dict[str, int]:
+    if module is None:
+        return {"total": 0, "trainable": 0}
+    return {
+        "total": sum(p.numel() for p in module.parameters()),
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def flops_per_sample(unet, autoencoder, text_encoder, resolution: int) -> dict[str, int]:
+    """Matmul/conv FLOPs for one sample (meta tensors; multiply-add = 2 FLOPs)."""
+    f = autoencoder.config.downsampling if autoencoder is not None else 8
+    latent = resolution // f
+    channels = autoencoder.config.embed_dim if autoencoder is not None else unet.config.in_channels
+    ucfg = unet.config
+    x = torch.randn(1, ucfg.in_channels, latent, latent, device="meta")
+    ctx = torch.randn(1, 77, ucfg.context_dim, device="meta")
+    t = torch.zeros(1, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta") if ucfg.num_classes else None
+
+    def unet_train():
+        unet(x, t, ctx, y).sum().backward()
+
+    out = {"unet_forward": _flops(lambda: unet(x, t, ctx, y)), "unet_train": _flops(unet_train)}
+    if autoencoder is not None:
+        img = torch.randn(1, autoencoder.config.in_channels, resolution, resolution, device="meta")
+        out["autoencoder_encode"] = _flops(lambda: autoencoder.encode_latents(img))
+        out["autoencoder_decode"] = _flops(
+            lambda: autoencoder.decode(torch.randn(1, channels, latent, latent, device="meta"))
+        )
+    if text_encoder is not None and hasattr(text_encoder, "tokenize"):
+        out["text_encoder_forward"] = _flops(
+            lambda: text_encoder(["a photograph of an astronaut riding a horse"])
+        )
+    text_cost = out.get("text_encoder_forward", 0) * (3 if getattr(text_encoder, "trainable", False) else 1)
+    out["train_step_from_latents"] = out["unet_train"] + text_cost
+    out["train_step_encoding_images"] = out["train_step_from_latents"] + out.get("autoencoder_encode", 0)
+    return out
+
+
+def zero_memory(trainable: int, frozen: int, world_size: int, precision: str) -> dict:
+    """Per-rank bytes of model states (params, grads, Adam states) by ZeRO stage.
+
+    Mixed precision (bf16/fp16): 2-byte params and grads + 12 bytes of fp32 master weights, momentum and
+    variance per parameter; fp32: 4 + 4 + 8. Frozen modules (VAE, frozen text encoder) are replicated, never
+    sharded. Activations, buffers and the EMA copy are not included.
+    """
+    if precision not in BYTES:
+        raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
+    p = g = BYTES[precision]
+    k = 8 if precision == "fp32" else 12
+    n = world_size
+    stages = {
+        0: (p, g, k),
+        1: (p, g, k / n),
+        2: (p, g / n, k / n),
+        3: (p / n, g / n, k / n),
+    }
+    out = {
+        "world_size": n,
+        "precision": precision,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "frozen_bytes": frozen * p,
+    }
+    for stage, (pp, gg, kk) in stages.items():
+        parts = {"params": trainable * pp, "grads": trainable * gg, "optimizer": trainable * kk}
+        parts = {key: int(v) for key, v in parts.items()}
+        parts["total"] = sum(parts.values()) + frozen * p
+        out[f"stage_{stage}"] = parts
+    return out
+
+
+def build_plan(unet, autoencoder, text_encoder, resolution: int, world_size: int, precision: str) -> dict:
+    """The JSON plan printed by ``ldm-info`` (and ``ldm-train dry_run=true``)."""
+    if resolution % (autoencoder.config.downsampling * unet.config.downsampling if autoencoder else 1):
+        raise ValueError(
+            f"resolution {resolution} is not divisible by the autoencoder's f times the UNet's "
+            f"downsampling ({autoencoder.config.downsampling} x {unet.config.downsampling})"
+        )
+    modules = {"unet": count(unet), "autoencoder": count(autoencoder), "text_encoder": count(text_encoder)}
+    if autoencoder is not None:  # the autoencoder is frozen during UNet training
+        modules["autoencoder"]["trainable"] = 0
+    trainable = sum(m["trainable"] for m in modules.values())
+    frozen = sum(m["total"] - m["trainable"] for m in modules.values())
+    return {
+        "modules": modules,
+        "resolution": resolution,
+        "latent_size": resolution // (autoencoder.config.downsampling if autoencoder else 1),
+        "flops_per_sample": flops_per_sample(unet, autoencoder, text_encoder, resolution),
+        "zero_model_states_per_rank_bytes": zero_memory(trainable, frozen, world_size, precision),
+    }
