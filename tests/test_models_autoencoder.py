@@ -142,7 +142,7 @@ def test_each_loss_path_updates_only_its_parameters(kind):
 
     before = snapshot()
     rec, reg = model(x)
-    loss, logs = loss_fn.generator_loss(x, rec, reg, model.last_layer, step=10)
+    loss, logs = loss_fn.generator_loss(x, rec, reg, step=10, last_layer=model.last_layer)
     opt_g.zero_grad()
     loss.backward()
     assert all(p.grad is None for p in loss_fn.discriminator.parameters())
@@ -173,7 +173,7 @@ def test_adaptive_weight_and_discriminator_start():
     loss_fn = AutoencoderLoss(loss_cfg(disc_start=100, perceptual_weight=0.0))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     rec, reg = model(x)
-    _, early = loss_fn.generator_loss(x, rec, reg, model.last_layer, step=99)
+    _, early = loss_fn.generator_loss(x, rec, reg, step=99, last_layer=model.last_layer)
     assert "g_loss" not in early and early["disc_factor"] == 0
     d_loss, _ = loss_fn.discriminator_loss(x, rec, step=99)
     assert d_loss.item() == 0.0
@@ -181,8 +181,16 @@ def test_adaptive_weight_and_discriminator_start():
     g = -loss_fn.discriminator(rec).mean()
     a = torch.autograd.grad(nll, model.last_layer, retain_graph=True)[0].norm()
     b = torch.autograd.grad(g, model.last_layer, retain_graph=True)[0].norm()
-    _, late = loss_fn.generator_loss(x, rec, reg, model.last_layer, step=100)
+    _, late = loss_fn.generator_loss(x, rec, reg, step=100, last_layer=model.last_layer)
     assert torch.allclose(late["d_weight"], (a / (b + 1e-4)) * 0.5)
+    # the side-graph version (what the DeepSpeed task uses) gives the same weight
+    seen = {}
+    model.decoder.conv_out.register_forward_pre_hook(lambda m, args: seen.update(h=args[0].detach()))
+    rec, _ = model(x, sample=False)
+    nll, _ = loss_fn.reconstruction(x, rec)
+    direct = loss_fn.adaptive_weight(nll, loss_fn.g_loss(rec), model.last_layer)
+    side = loss_fn.adaptive_weight_at(x, model.decoder.conv_out, seen["h"])
+    assert torch.allclose(side, direct, rtol=1e-5) and side > 0
 
 
 def test_lpips_backbone_comes_from_a_path_and_missing_weights_fail_clearly(tmp_path):

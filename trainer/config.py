@@ -64,3 +64,11 @@ def conf_dir() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def build_offline(node: Any, where: str):
+    """Like :func:`build`, but never fetch pretrained weights (they come from a checkpoint or do not matter)."""
+    cfg = typed(node, where)
+    if "pretrained" in cfg:
+        cfg.pretrained = ""
+    return instantiate(cfg, _convert_="all")

@@ -14,7 +14,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .config import build, conf_dir, typed
+from .config import build, build_offline, conf_dir
 from .plan import build_plan
 
 
@@ -36,10 +36,7 @@ def plan_for(cfg: DictConfig) -> dict:
     with torch.device("meta"):
         unet = build(cfg.unet, "unet", attention="math")
         ae = build(cfg.autoencoder, "autoencoder") if cfg.autoencoder else None
-        te = None
-        if cfg.text_encoder:
-            overrides = {"pretrained": ""} if "pretrained" in typed(cfg.text_encoder, "text_encoder") else {}
-            te = build(cfg.text_encoder, "text_encoder", **overrides)
+        te = build_offline(cfg.text_encoder, "text_encoder") if cfg.text_encoder else None
     if te is not None and unet.config.context_dim != te.context_dim:
         raise ValueError(
             f"unet.context_dim={unet.config.context_dim} but the text encoder gives {te.context_dim}"

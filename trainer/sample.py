@@ -28,7 +28,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", ema: bool = True) -> La
     path = Path(path)
     if (path / "pipeline.json").is_file():
         return LatentDiffusionPipeline.load(path, device)
-    from .engine.checkpoint import pipeline_from_checkpoint
+    from .export import pipeline_from_checkpoint
 
     return pipeline_from_checkpoint(path, device=device, ema=ema)
 

@@ -124,7 +124,9 @@ class AutoencoderLoss(nn.Module):
             raise ValueError(f"loss.pixel_loss must be l1|l2 and loss.disc_loss hinge|vanilla, got {cfg}")
         self.cfg = cfg
         self.lpips = build_lpips(cfg) if cfg.perceptual_weight > 0 else None
-        self.logvar = nn.Parameter(torch.zeros(()), requires_grad=cfg.learn_logvar)
+        self.logvar = nn.Parameter(
+            torch.zeros(1), requires_grad=cfg.learn_logvar
+        )  # 1-d: DeepSpeed broadcasts bytes
         self.discriminator = NLayerDiscriminator(image_channels, cfg.disc_channels, cfg.disc_layers)
 
     def disc_factor(self, step: int) -> float:
@@ -151,10 +153,38 @@ class AutoencoderLoss(nn.Module):
         w = nll_grad.norm() / (g_grad.norm() + 1e-4)
         return w.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
+    def g_loss(self, rec: torch.Tensor) -> torch.Tensor:
+        """The generator's adversarial term; the discriminator's weights get no gradient from it."""
+        self.discriminator.requires_grad_(False)
+        try:
+            return -self.discriminator(rec).mean()
+        finally:
+            self.discriminator.requires_grad_(True)
+
+    def adaptive_weight_at(self, x: torch.Tensor, conv: nn.Conv2d, conv_input: torch.Tensor) -> torch.Tensor:
+        """The adaptive weight at the decoder's last convolution ``conv``, on a side graph.
+
+        That convolution's weight W reaches the loss only through it, so recomputing the reconstruction from
+        the convolution's (detached) input with a leaf copy of W gives exactly dL/dW - without a backward pass
+        through the training graph (which a DeepSpeed engine would take for a training backward).
+        """
+        weight = conv.weight.detach().requires_grad_(True)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        rec = F.conv2d(conv_input.detach(), weight, bias, stride=conv.stride, padding=conv.padding)
+        nll, _ = self.reconstruction(x, rec)
+        return self.adaptive_weight(nll, self.g_loss(rec), weight)
+
     def generator_loss(
-        self, x: torch.Tensor, rec: torch.Tensor, reg: dict, last_layer: torch.Tensor, step: int
+        self,
+        x: torch.Tensor,
+        rec: torch.Tensor,
+        reg: dict,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+        d_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Loss for the autoencoder's parameters (and the log-variance)."""
+        """Loss for the autoencoder's parameters (and the log-variance). The GAN term's adaptive weight is
+        ``d_weight`` when given (computed elsewhere), else computed at ``last_layer``."""
         nll, logs = self.reconstruction(x, rec)
         loss = nll
         if "kl" in reg:
@@ -166,20 +196,25 @@ class AutoencoderLoss(nn.Module):
             logs.update(codebook_loss=reg["codebook_loss"].detach(), codebook_usage=reg["usage"].detach())
         factor = self.disc_factor(step)
         if factor > 0:
-            self.discriminator.requires_grad_(False)
-            g_loss = -self.discriminator(rec).mean()
-            self.discriminator.requires_grad_(True)
-            weight = (
-                self.adaptive_weight(nll, g_loss, last_layer) if torch.is_grad_enabled() else torch.zeros(())
-            )
-            loss = loss + weight * factor * g_loss
-            logs.update(g_loss=g_loss.detach(), d_weight=weight)
+            g_loss = self.g_loss(rec)
+            if d_weight is None:
+                if last_layer is None:
+                    raise ValueError(
+                        "generator_loss needs last_layer or d_weight once the discriminator is on"
+                    )
+                d_weight = self.adaptive_weight(nll, g_loss, last_layer)
+            loss = loss + d_weight * factor * g_loss
+            logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
         logs.update(nll_loss=nll.detach(), logvar=self.logvar.detach(), disc_factor=torch.tensor(factor))
         return loss, logs
 
-    def discriminator_loss(self, x: torch.Tensor, rec: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """Loss for the discriminator: real images vs (detached) reconstructions."""
-        real, fake = self.discriminator(x.detach()), self.discriminator(rec.detach())
+    def discriminator_loss(
+        self, x: torch.Tensor, rec: torch.Tensor, step: int, disc=None
+    ) -> tuple[torch.Tensor, dict]:
+        """Loss for the discriminator: real images vs (detached) reconstructions. ``disc`` calls the
+        discriminator (a DeepSpeed engine in training; the module itself by default)."""
+        disc = disc or self.discriminator
+        real, fake = disc(x.detach()), disc(rec.detach())
         d = hinge_d_loss(real, fake) if self.cfg.disc_loss == "hinge" else vanilla_d_loss(real, fake)
         loss = self.disc_factor(step) * d
         return loss, {

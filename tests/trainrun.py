@@ -1,0 +1,115 @@
+"""Run ldm-train as real processes (torchrun, 2 ranks, gloo) and read what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).with_name("torchrun"))
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    e["WANDB_MODE"] = "offline"
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def command(run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -> list[str]:
+    base = [
+        "experiment=tiny_cpu",
+        f"run_dir={run_dir}",
+        f"data.urls={shards}",
+        "logger.log_every=1",
+        "logger.progress=false",
+        "data.num_workers=2",
+        "logger.kind=jsonl",
+    ]
+    if nproc == 1:
+        return [PY, "-m", "trainer.train", *base, *overrides]
+    return [
+        TORCHRUN,
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(20000 + os.getpid() % 20000),
+        "-m",
+        "trainer.train",
+        *base,
+        *overrides,
+    ]
+
+
+def run(
+    run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        command(run_dir, shards, overrides, nproc),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(
+            f"ldm-train failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+        )
+    return out
+
+
+def run_until_paused_then_kill(run_dir: Path, shards: Path, overrides: list[str], timeout: int = 300) -> str:
+    """Start a 2-rank run that pauses itself (faults.pause_*), then SIGKILL the whole process group."""
+    proc = subprocess.Popen(
+        command(run_dir, shards, overrides),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    marker = run_dir / "PAUSED"
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before pausing:\n{proc.stdout.read()[-5000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("run did not pause in time")
+        time.sleep(0.1)
+    where = marker.read_text()
+    os.killpg(proc.pid, signal.SIGKILL)  # a real SIGKILL of torchrun and every rank
+    proc.wait(timeout=60)
+    marker.unlink()
+    return where
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    """Per-step loss; a step logged twice (before a kill and after the resume) keeps its last value."""
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def events(rows: list[dict], name: str) -> list[dict]:
+    return [r for r in rows if r.get("event") == name]
+
+
+def keys_by_step(run_dir: Path, rank: int) -> dict[int, tuple[list[str], list[int]]]:
+    out = {}
+    for line in (run_dir / f"keys_rank{rank}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = (r["keys"], r["epoch"])  # a re-run step after resume overwrites the killed run's
+    return out
