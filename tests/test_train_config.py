@@ -95,3 +95,29 @@ def test_autoencoder_stage_exports_what_the_unet_stage_loads(tmp_path, synth_sha
         ],
     )
     assert [r for r in metrics(unet_dir) if "loss" in r][-1]["step"] == 3
+
+
+def test_wandb_offline_run_continues_after_resume_and_never_stores_the_key(
+    tmp_path, synth_shards, monkeypatch
+):
+    monkeypatch.setenv("WANDB_API_KEY", "local-0123456789abcdef0123456789abcdef01234567")
+    common = [
+        "logger.kind=wandb",
+        "logger.mode=offline",
+        "checkpoint.every=2",
+        "logger.sample_every=2",
+        "logger.sample_steps=2",
+    ]
+    run(tmp_path, synth_shards, [*common, "max_steps=2"], nproc=1)
+    run(tmp_path, synth_shards, [*common, "max_steps=4"], nproc=1)
+    rows = metrics(tmp_path)
+    ids = {r["run_id"] for r in rows if r.get("event") in ("start", "resume")}
+    assert len(ids) == 1
+    run_id = ids.pop()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)  # one W&B run, two sessions
+    assert all((p / f"run-{run_id}.wandb").is_file() for p in runs)
+    assert len(list((tmp_path / "samples").glob("samples_*.png"))) == 2
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert b"0123456789abcdef0123456789abcdef01234567" not in path.read_bytes(), path
