@@ -81,7 +81,7 @@ class ImageDecoder:
         pixels, top_left = crop_resize(pixels, cfg.resolution, cfg.crop, rng)
         if cfg.hflip and rng.random() < 0.5:
             pixels = pixels.flip(-1)
-        caption = choose_caption(text, cfg.caption_choice, rng)
+        _, caption = choose_caption(text, cfg.caption_choice, rng)
         if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
             caption = ""
         item = {"pixels": pixels, "caption": caption, "key": raw.key, "size": size, "crop": top_left}

@@ -40,13 +40,19 @@ def crop_resize(
     return pixels, (top, left)
 
 
-def choose_caption(text: str, mode: str, rng: random.Random) -> str:
-    """Pick one caption when the text holds several (one per line): ``first`` or ``random``."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def caption_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def choose_caption(text: str, mode: str, rng: random.Random) -> tuple[int, str]:
+    """Pick one caption when the text holds several (one per line): ``first`` or ``random``.
+    Returns its index and text."""
+    lines = caption_lines(text)
     if not lines:
-        return ""
+        return 0, ""
     if mode == "first" or len(lines) == 1:
-        return lines[0]
+        return 0, lines[0]
     if mode == "random":
-        return lines[rng.randrange(len(lines))]
+        i = rng.randrange(len(lines))
+        return i, lines[i]
     raise ValueError(f"data.caption_choice must be 'first' or 'random', got {mode!r}")

@@ -43,11 +43,14 @@ def validate(cfg) -> None:
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
-    if cfg.data.kind != "latents" or cfg.stage == "autoencoder":
-        try:
-            expand_shards(cfg.data.urls, cfg.data.allow_pipe)
-        except (FileNotFoundError, ValueError) as exc:
-            raise ConfigError(f"data.urls: {exc}") from None
+    if cfg.data.kind not in ("images", "latents") or (cfg.data.kind == "latents" and cfg.stage != "unet"):
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: images for both stages, latents for stage=unet")
+    if cfg.posterior not in ("sample", "mean"):
+        raise ConfigError(f"posterior must be 'sample' or 'mean', got {cfg.posterior!r}")
+    try:
+        expand_shards(cfg.data.urls, cfg.data.allow_pipe)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.urls: {exc}") from None
     ae = to_dataclass(cfg.autoencoder, "autoencoder")
     if cfg.stage == "autoencoder":
         if cfg.data.resolution % ae.downsampling:
@@ -171,3 +174,15 @@ def build_models(cfg) -> tuple[dict, float]:
     if cfg.weights.unet:
         load_unet_weights(models["unet"], cfg.weights.unet)
     return models, float(scale)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights (names, shapes, dtypes and bytes): which autoencoder made a latent."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data_pipeline.errors import REASONS
 from data_pipeline.loader import build_loader
 
-from .build import build_models, validate
+from .build import build_models, fingerprint, validate
 from .config import conf_dir
 from .engine import distributed as D
 from .engine.checkpoint import Checkpointer, resolve_resume
@@ -100,10 +100,15 @@ def train(cfg: DictConfig) -> int:
         (run_dir / "config.yaml").write_text(config_yaml)
     seed_everything(cfg.seed * 1000 + env.rank)
     models, scale = build_models(cfg)
+    if cfg.data.kind == "latents":  # the shards must come from this autoencoder; their scale factor wins
+        with open_dict(cfg):
+            cfg.data.expect_autoencoder = cfg.data.expect_autoencoder or fingerprint(models["autoencoder"])
+    loader = build_loader(cfg.data, env.rank, env.world_size)
+    if cfg.data.kind == "latents":
+        scale = float(loader.manifest["scale_factor"])
     task = (UNetTask if cfg.stage == "unet" else AutoencoderTask)(cfg, models, device, env.rank, scale)
     if env.is_main and cfg.stage == "unet":
         save_frozen(ckpt_dir, models, scale)
-    loader = build_loader(cfg.data, env.rank, env.world_size)
     ema = EMA(cfg.ema.decay, cfg.ema.device, env.is_main) if cfg.ema.enabled else None
     if ema is not None:
         ema.initialize(task.ema_module, cfg.deepspeed.zero_stage, cfg.precision)

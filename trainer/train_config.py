@@ -115,6 +115,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print the plan (parameters, FLOPs, ZeRO memory) and exit
     concat: str = "none"  # none | inpaint | superres: extra UNet input channels
+    posterior: str = "sample"  # sample | mean: which latent of the autoencoder's posterior the UNet learns
     data: DataConfig = field(default_factory=DataConfig)
     unet: Any = MISSING
     autoencoder: Any = MISSING

@@ -72,20 +72,25 @@ class UNetTask:
         return list(batch["caption"])
 
     def latents(self, batch: dict) -> torch.Tensor:
-        if "latent_mean" in batch:  # precomputed latent shards: draw a fresh posterior sample
+        sample = self.cfg.posterior == "sample"
+        if "latent_mean" in batch:  # precomputed latent shards: a fresh posterior sample every time
             mean = batch["latent_mean"].to(self.device, torch.float32)
+            if not sample:
+                return mean * self.scale_factor
             std = batch["latent_std"].to(self.device, torch.float32)
             noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
             return (mean + std * noise) * self.scale_factor
         images = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
         with torch.no_grad():
-            z = self.autoencoder.encode_latents(images, sample=True, generator=self.generator)
+            z = self.autoencoder.encode_latents(images, sample=sample, generator=self.generator)
         return z.float() * self.scale_factor
 
     def concat_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
         kind = self.cfg.concat
         if kind == "none":
             return None
+        if "image" not in batch:
+            raise ValueError(f"concat={kind} needs images: train it from image shards (data.kind=images)")
         images = images_to_model(batch["image"], self.device, self.dtype, False)
         if (
             kind == "inpaint"
@@ -105,7 +110,9 @@ class UNetTask:
         latents = self.latents(batch)
         conds = self.conditions(batch)
         context = None
-        if not self.train_text:
+        if "text_tokens" in batch and not self.train_text:  # stored by ldm-precompute
+            context = batch["text_tokens"].to(self.device, self.dtype)
+        elif not self.train_text:
             with torch.no_grad():
                 context = self.text_encoder(conds).tokens.to(self.dtype)
 
