@@ -109,3 +109,25 @@ def img2dataset_dir(tmp_path_factory) -> Path:
         ]
         img2dataset_shard(d, shard, samples)
     return d
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real two-node Slurm cluster on this machine (slurm/localcluster.py). Outside CI it is skipped when it
+    cannot be started (not root); in CI that is a failure."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm"))
+    import localcluster
+
+    was_up = localcluster.status().startswith("n1 idle")
+    try:
+        conf = localcluster.up()
+    except Exception as exc:
+        if IN_CI:
+            raise
+        pytest.skip(f"no local Slurm cluster: {exc}")
+    os.environ["SLURM_CONF"] = str(conf)
+    yield conf
+    if not was_up:
+        localcluster.down()

@@ -27,8 +27,9 @@ class ConfigError(ValueError):
     """A training config that cannot work; the message names the key."""
 
 
-def validate(cfg) -> None:
-    """Checks that need no model weights and no process group."""
+def validate(cfg, check_data: bool = True, check_files: bool = True) -> None:
+    """Checks that need no model weights and no process group. ``check_data``: the shards exist now;
+    ``check_files``: the weight files exist now (both off for a dry run meant for another machine)."""
     from omegaconf import OmegaConf
 
     from .train_config import TrainConfig
@@ -48,7 +49,8 @@ def validate(cfg) -> None:
     if cfg.posterior not in ("sample", "mean"):
         raise ConfigError(f"posterior must be 'sample' or 'mean', got {cfg.posterior!r}")
     try:
-        expand_shards(cfg.data.urls, cfg.data.allow_pipe)
+        if check_data:
+            expand_shards(cfg.data.urls, cfg.data.allow_pipe)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data.urls: {exc}") from None
     ae = to_dataclass(cfg.autoencoder, "autoencoder")
@@ -91,6 +93,8 @@ def validate(cfg) -> None:
             f"deepspeed.modules lists frozen {frozen}: {why} a frozen encoder; frozen encoders stay "
             "outside DeepSpeed (never sharded, never in the optimizer)"
         )
+    if not check_files:
+        return
     if not cfg.weights.autoencoder and not cfg.weights.allow_random_autoencoder:
         raise ConfigError(
             "weights.autoencoder is empty: the UNet stage needs trained autoencoder weights "

@@ -42,7 +42,7 @@ from data_pipeline.urls import expand_shards
 from .build import ConfigError, fingerprint, load_autoencoder_weights
 from .config import build, conf_dir
 from .engine import distributed as D
-from .train_config import ModelWeights
+from .train_config import ModelWeights, SlurmConfig
 
 log = logging.getLogger("ldm.precompute")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,6 +64,8 @@ class PrecomputeConfig:
     device: str = "auto"
     progress: bool = True
     pause_after_shards: int = -1  # fault injection for tests: rank 0 pauses after this many shards
+    run_name: str = "precompute"
+    launcher: SlurmConfig = field(default_factory=SlurmConfig)  # used by ldm-submit
 
 
 class _ShardImages(IterableDataset):

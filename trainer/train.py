@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
+import socket
 import sys
 import time
 from pathlib import Path
@@ -93,6 +95,12 @@ def train(cfg: DictConfig) -> int:
     env = D.detect()
     device = D.pick_device(cfg.device, env)
     D.init(env, device)
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(
+        f"[ldm] rank {env.rank}/{env.world_size} on node {node} (local rank {env.local_rank}, {env.launcher}, "
+        f"{device})",
+        flush=True,
+    )
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.checkpoint.dir)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if env.is_main:
@@ -118,7 +126,9 @@ def train(cfg: DictConfig) -> int:
     resume_from = resolve_resume(cfg.checkpoint.resume, ckpt_dir)
     if resume_from is not None:
         state.update(ckpt.load(resume_from, task.engines, loader, generators, ema))
-    state["wandb_id"] = state["wandb_id"] or (new_run_id() if env.is_main else "")
+    state["wandb_id"] = (
+        state["wandb_id"] or os.environ.get("LDM_WANDB_RUN_ID") or (new_run_id() if env.is_main else "")
+    )
     info = {"git_commit": git_commit(Path(__file__).parent), **OmegaConf.to_container(cfg, resolve=True)}
     logger = RunLogger(cfg.logger, run_dir, state["wandb_id"], info, env.is_main, resume_from is not None)
     if resume_from is not None:

@@ -104,6 +104,36 @@ class ModelWeights:
 
 
 @dataclass
+class SlurmConfig:
+    """How ``ldm-submit`` renders the sbatch script (conf/launcher/)."""
+
+    job_name: str = "ldm"
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0 on CPU clusters
+    tasks_per_node: int = 0  # 0: one per GPU (srun launch) or 1 (torchrun launch)
+    cpus_per_task: int = 8
+    mem: str = ""  # e.g. 0 (all of the node) or 400G; "" leaves Slurm's default
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    launch: str = "srun"  # srun (one task per GPU) | torchrun (one torchrun per node)
+    signal_grace: int = 300  # USR1 this many seconds before the time limit: checkpoint and requeue
+    requeue: bool = True
+    max_requeues: int = 20
+    min_runtime: int = 120  # a stop signal sooner than this after a (re)start is ignored (no requeue loops)
+    python: str = "python"  # the interpreter on the compute nodes
+    workdir: str = ""  # where jobs run ("" = the folder ldm-submit ran in)
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines before launch (module load, source .venv/...)
+    env: dict[str, str] = field(default_factory=dict)  # exported variables (NCCL_*, ...)
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." options, e.g. --exclusive
+    export_at_end: bool = True  # run ldm-export after a training job completes
+
+
+@dataclass
 class TrainConfig:
     stage: str = "unet"  # unet | autoencoder
     run_name: str = "run"
@@ -130,7 +160,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
-    launcher: Any = None  # Slurm settings used by ldm-submit (conf/launcher)
+    launcher: SlurmConfig = field(default_factory=SlurmConfig)  # used by ldm-submit (conf/launcher)
 
 
 def register_schema() -> None:
