@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import save_file
-from trainrun import ROOT, TORCHRUN, env, metrics, run
+from trainrun import ROOT, TORCHRUN, env, metrics, run, wait_paused_then_kill
 
 from data_pipeline.latents import LATENT_EXT, MANIFEST
 from data_pipeline.samples import ImageLimits, decode_rgb
@@ -104,9 +104,8 @@ def test_two_ranks_cover_every_valid_sample_once_and_a_killed_run_resumes_to_the
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
-    wait_paused(killed, proc)
+    wait_paused_then_kill(proc, killed / "PAUSED")
     done_before = {p.name for p in (killed / "_manifest").glob("*.tar.json")}
     assert 2 <= len(done_before) < len(expand_shards(str(inputs)))
     precompute(killed, inputs, ae, ["flip=true"])
@@ -114,20 +113,6 @@ def test_two_ranks_cover_every_valid_sample_once_and_a_killed_run_resumes_to_the
     m2 = json.loads((killed / MANIFEST).read_text())
     assert [s["sha256"] for s in m2["shards"]] == [s["sha256"] for s in manifest["shards"]]
     assert m2["scale_factor"] == manifest["scale_factor"]
-
-
-def wait_paused(out, proc, timeout=300):
-    import os
-    import signal
-    import time
-
-    deadline = time.time() + timeout
-    while not (out / "PAUSED").exists():
-        assert proc.poll() is None, "precompute ended before pausing"
-        assert time.time() < deadline, "precompute did not pause"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
 
 
 def test_stored_means_decode_like_fresh_encodings(tmp_path, synth_shards, tiny_ae):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,31 +68,58 @@ def run(
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in a session of its own: killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process it started."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def wait_paused_then_kill(proc: subprocess.Popen, marker: Path, timeout: int = 300) -> str:
+    """Wait for a run's PAUSED marker, then SIGKILL it and all its ranks (also on failure); returns the marker."""
+    deadline = time.time() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError("run ended before pausing")
+            if time.time() > deadline:
+                raise AssertionError("run did not pause in time")
+            time.sleep(0.1)
+        assert len(descendants(proc.pid)) >= 2, "expected torchrun's ranks below it"
+        return marker.read_text()
+    finally:
+        kill_tree(proc)  # a real SIGKILL of torchrun and every rank
+        marker.unlink(missing_ok=True)
+
+
 def run_until_paused_then_kill(run_dir: Path, shards: Path, overrides: list[str], timeout: int = 300) -> str:
-    """Start a 2-rank run that pauses itself (faults.pause_*), then SIGKILL the whole process group."""
+    """Start a 2-rank run that pauses itself (faults.pause_*), then SIGKILL every one of its processes."""
     proc = subprocess.Popen(
         command(run_dir, shards, overrides),
         cwd=ROOT,
         env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    marker = run_dir / "PAUSED"
-    deadline = time.time() + timeout
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before pausing:\n{proc.stdout.read()[-5000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("run did not pause in time")
-        time.sleep(0.1)
-    where = marker.read_text()
-    os.killpg(proc.pid, signal.SIGKILL)  # a real SIGKILL of torchrun and every rank
-    proc.wait(timeout=60)
-    marker.unlink()
-    return where
+    return wait_paused_then_kill(proc, run_dir / "PAUSED", timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import conf_dir
-from .engine.guards import EXIT_PREEMPTED
+from .engine.guards import PREEMPTED_MARKER
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm" / "templates"
 MODULES = {"train": "trainer.train", "precompute": "trainer.precompute"}
@@ -107,7 +107,7 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
         run_name=cfg.run_name,
         launch_command=launch_command(cfg, kind, folder, name, tasks),
         stop_signal="TERM" if launcher.launch == "torchrun" else "USR1",
-        preempted_code=EXIT_PREEMPTED,
+        preempted_marker=shlex.quote(str(run_dir / PREEMPTED_MARKER)),
         export_command=export,
     )
     if write:

@@ -35,7 +35,7 @@ from .engine.checkpoint import Checkpointer, resolve_resume
 from .engine.deepspeed_setup import lr_at, set_lr
 from .engine.deepspeed_setup import step as engine_step
 from .engine.ema import EMA
-from .engine.guards import EXIT_PREEMPTED, NonFiniteGuard, StopSignal, pause_forever
+from .engine.guards import PREEMPTED_MARKER, NonFiniteGuard, StopSignal, pause_forever
 from .engine.loggers import RunLogger, git_commit, new_run_id
 from .engine.rng import seed_everything
 from .images import grid_image
@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> int:
     env = D.detect()
     device = D.pick_device(cfg.device, env)
     D.init(env, device)
+    if env.is_main:
+        (Path(cfg.run_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(
         f"[ldm] rank {env.rank}/{env.world_size} on node {node} (local rank {env.local_rank}, {env.launcher}, "
@@ -256,7 +258,15 @@ def train(cfg: DictConfig) -> int:
         if stopping:
             logger.event("preempted", step=step, signal=stop.received)
             logger.finish()
-            return EXIT_PREEMPTED
+            if env.is_main:
+                (run_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+            D.barrier()
+            print(
+                f"[ldm] stopped by signal {stop.received} after step {step}; checkpoint committed; rerun the same "
+                "command to resume",
+                flush=True,
+            )
+            return 0
     bar.close()
     if keys_log is not None:
         keys_log.close()
@@ -285,7 +295,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point; exits 3 after a preemption checkpoint (the job should requeue)."""
+    """Console entry point (after a stop signal: exit 0 and <run_dir>/PREEMPTED, see engine/guards.py)."""
     _hydra_main()
     sys.exit(_exit_code)
 

@@ -2,7 +2,9 @@
 
 A step whose loss or gradients are not finite is dropped (see ``deepspeed_setup.step``) and counted;
 ``max_consecutive_bad`` in a row roll back to the last good checkpoint. SIGUSR1 / SIGTERM set a flag that the
-loop reads after the current step: it checkpoints and exits (Slurm preemption and time limits).
+loop reads after the current step: every rank checkpoints and exits 0, and rank 0 leaves ``PREEMPTED`` in the
+run folder (a launcher's cue to requeue). The marker is used rather than an exit code because launchers
+(``srun --kill-on-bad-exit``, torchrun) kill the other ranks as soon as one exits with a non-zero code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-EXIT_PREEMPTED = 3
+PREEMPTED_MARKER = "PREEMPTED"  # written by rank 0 into the run folder once the stop checkpoint is committed
 
 
 class NonFiniteGuard:
