@@ -42,9 +42,14 @@ def checkpoint_folder(path: str | Path) -> Path:
     return path / tag
 
 
+def uses_ema(folder: Path, ema: bool = True) -> bool:
+    """Whether ``trained_weights(folder, ema)`` reads the EMA (asked for, and the checkpoint has one)."""
+    return ema and (folder / "ema.safetensors").is_file()
+
+
 def trained_weights(folder: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards."""
-    if ema and (folder / "ema.safetensors").is_file():
+    if uses_ema(folder, ema):
         return load_file(str(folder / "ema.safetensors"))
     if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -174,7 +179,7 @@ def export_autoencoder(folder: Path, out: Path, ema: bool) -> Path:
         "config": OmegaConf.to_container(cfg.autoencoder, resolve=True),
         "scale_factor": model.config.scale_factor,
         "checkpoint": str(folder),
-        "weights": "ema" if ema and (folder / "ema.safetensors").is_file() else "raw",
+        "weights": "ema" if uses_ema(folder, ema) else "raw",
     }
     (out / "autoencoder.json").write_text(json.dumps(meta, indent=1))
     if not model.config.attn_resolutions and model.__class__.__name__ == "AutoencoderKL":
@@ -210,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diffusers", action="store_true")
     args = p.parse_args(argv)
     out = export(args.checkpoint, args.out, ema=not args.raw, diffusers=not args.no_diffusers)
-    print(f"exported {checkpoint_folder(args.checkpoint)} ({'raw' if args.raw else 'EMA'} weights) to {out}")
+    folder = checkpoint_folder(args.checkpoint)
+    kind = "EMA" if uses_ema(folder, not args.raw) else "raw (no EMA in the checkpoint)" if not args.raw else "raw"
+    print(f"exported {folder} ({kind} weights) to {out}")
     return 0
 
 
