@@ -10,8 +10,22 @@ import numpy as np
 from PIL import Image
 
 HELD_OUT = ("astronaut", "coffee", "chelsea")
-TRAINING = ("rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins", "moon", "grass",
-            "gravel", "brick", "cell", "page", "text", "colorwheel")
+TRAINING = (
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+    "cell",
+    "page",
+    "text",
+    "colorwheel",
+)
 
 
 def photo(name: str) -> Image.Image:
@@ -33,7 +47,9 @@ def write_photo_crops(folder: Path, num: int, size: int = 64, seed: int = 0) -> 
     import skimage.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    sources = [photo(n) for n in TRAINING] + [Image.fromarray(im) for im in skimage.data.stereo_motorcycle()[:2]]
+    sources = [photo(n) for n in TRAINING] + [
+        Image.fromarray(im) for im in skimage.data.stereo_motorcycle()[:2]
+    ]
     rng = np.random.default_rng(seed)
     for i in range(num):
         src = sources[i % len(sources)]

@@ -216,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = export(args.checkpoint, args.out, ema=not args.raw, diffusers=not args.no_diffusers)
     folder = checkpoint_folder(args.checkpoint)
-    kind = "EMA" if uses_ema(folder, not args.raw) else "raw (no EMA in the checkpoint)" if not args.raw else "raw"
+    kind = (
+        "EMA"
+        if uses_ema(folder, not args.raw)
+        else "raw (no EMA in the checkpoint)"
+        if not args.raw
+        else "raw"
+    )
     print(f"exported {folder} ({kind} weights) to {out}")
     return 0
 
