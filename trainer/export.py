@@ -113,7 +113,8 @@ def _write_diffusers_component(folder: Path, class_name: str, config: dict, weig
 
 
 def scheduler_config(diffusion: DiffusionConfig) -> dict:
-    """A DDIMScheduler config with our noise schedule (SD's sampling settings)."""
+    """A DDIMScheduler config with our noise schedule and ``ldm-sample``'s DDIM settings (Stable Diffusion's:
+    steps offset 1, final alpha = alpha_bar[0]), so the export samples exactly as ``ldm-sample`` does."""
     s = diffusion.schedule
     kinds = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
     return {

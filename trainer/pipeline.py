@@ -34,6 +34,8 @@ class GenerateOptions:
     sampler: str = "ddim"  # ddim | ddpm | dpmpp_2m
     eta: float = 0.0
     spacing: str = "leading"
+    steps_offset: int = 1  # Stable Diffusion's DDIM settings (what its scheduler configs and our exports say)
+    set_alpha_to_one: bool = False
     height: int = 0  # 0: the model's native size
     width: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -163,7 +165,13 @@ class LatentDiffusionPipeline:
         null = [opts.negative_prompt] * len(prompts) if isinstance(prompts[0], str) else [-1] * len(prompts)
         uncond = self.text_encoder(null).tokens.to(dtype) if opts.guidance != 1.0 else None
         sampler = make_sampler(
-            opts.sampler, self.schedule, self.diffusion.prediction, eta=opts.eta, spacing=opts.spacing
+            opts.sampler,
+            self.schedule,
+            self.diffusion.prediction,
+            eta=opts.eta,
+            spacing=opts.spacing,
+            steps_offset=opts.steps_offset,
+            set_alpha_to_one=opts.set_alpha_to_one,
         )
         init = concat = inpaint = None
         if init_image is not None:
