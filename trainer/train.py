@@ -73,7 +73,7 @@ def memory_mb(device: torch.device) -> float:
 
 
 def train(cfg: DictConfig) -> int:
-    validate(cfg)
+    validate(cfg, check_data=not cfg.dry_run, check_files=not cfg.dry_run)
     if cfg.dry_run:
         from .info import plan_for
 
@@ -227,7 +227,6 @@ def train(cfg: DictConfig) -> int:
                 "images_per_s": per_step * world / step_time,
                 "data_wait_fraction": sums[2] / max(sums[1], 1e-9),
                 "loss_rank0": loss,
-                "grad_norm": float(task.engine.get_global_grad_norm() or 0.0),
                 "memory_mb": memory_mb(device),
                 "nonfinite_steps": guard.total,
                 "rollbacks": guard.rollbacks,
@@ -236,6 +235,9 @@ def train(cfg: DictConfig) -> int:
                 "data/valid": sums[4],
                 "step_applied": int(applied),
             }
+            norm = task.engine.get_global_grad_norm()  # None where DeepSpeed computes none (ZeRO-0 in fp32)
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
             metrics |= {f"data/skipped_{r}": v for r, v in zip(REASONS, sums[5:], strict=True) if v}
             metrics |= {f"ae/{k}": v for k, v in getattr(task, "last_logs", {}).items()}
             logger.log(step, metrics)
