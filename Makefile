@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-demo: install
-	$(BIN)/ldm-data synth --out $(RUN)/shards --num 2000 --shard-size 250 --size 64 --seed 0 --workers 2
-	$(BIN)/ldm-data validate $(RUN)/shards
-	$(BIN)/ldm-data stream $(RUN)/shards --resolution 64 --batch-size 32 --workers 2 --batches 50
+demo: install  # replaces $(RUN): the whole pipeline on generated data, CPU, ~20 min; see docs/getting-started.md
+	rm -rf $(RUN)
+	$(BIN)/ldm-demo --out $(RUN)
 
 lint: install
 	$(BIN)/ruff check .
