@@ -14,25 +14,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.demo_report import checkpoint_minutes, reconstruction_adherence  # noqa: E402
 from trainer.engine.checkpoint import COMMITTED  # noqa: E402
-from trainer.evaluate.cli import center_crop, to_tensor  # noqa: E402
+from trainer.evaluate.cli import load_autoencoder, load_images, to_tensor  # noqa: E402
 from trainer.evaluate.recon import reconstruction_metrics  # noqa: E402
 from trainer.export import export  # noqa: E402
 
 
-def photo_psnr(ae_export: Path, photos: list[Path], size: int) -> float:
-    from trainer.evaluate.cli import load_autoencoder
-
-    model = load_autoencoder(ae_export)
-    x = to_tensor([np.asarray(center_crop(Image.open(p).convert("RGB"), size)) for p in photos])
+def photo_psnr(model: torch.nn.Module, photos: Path, size: int) -> float:
+    """Mean PSNR of the autoencoder's reconstructions of the photographs in a folder, center-cropped to ``size``."""
+    x = to_tensor(load_images(photos, size))
     with torch.no_grad():
         return float(reconstruction_metrics(model, x, None)["psnr"].mean())
 
@@ -42,18 +38,19 @@ def main() -> int:
     p.add_argument("run", type=Path, help="an ldm-demo output folder")
     args = p.parse_args()
     run = args.run
-    photos = sorted((run / "data/heldout_photos").glob("*.png"))
+    photos = run / "data/heldout_photos"
     ckpts = sorted(c for c in (run / "autoencoder/checkpoints").iterdir() if (c / COMMITTED).is_file())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in ckpts:
             out = export(ckpt, Path(tmp) / ckpt.name, ema=True, diffusers=False)
             ceiling = reconstruction_adherence(out, run / "data/heldout")
+            model = load_autoencoder(out)
             row = {
                 "checkpoint": ckpt.name,
                 "minutes": round(checkpoint_minutes(run / "autoencoder", ckpt.name), 1),
-                "psnr_photos_256": round(photo_psnr(out, photos, 256), 2),
-                "psnr_photos_64": round(photo_psnr(out, photos, 64), 2),
+                "psnr_photos_256": round(photo_psnr(model, photos, 256), 2),
+                "psnr_photos_64": round(photo_psnr(model, photos, 64), 2),
                 **{f"recon_{k}": round(ceiling[k], 3) for k in ("colour", "shape", "position", "all")},
             }
             rows.append(row)
