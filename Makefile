@@ -7,7 +7,7 @@ RUN ?= runs/demo
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint  # everything CI runs: DeepSpeed ranks, a real local Slurm cluster (installed as root when missing)
 	$(BIN)/python -m pytest
+
+test-fast: install  # the edit-test loop (< 3 min): no DeepSpeed launch, Slurm job or training run
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -38,12 +38,12 @@ def storage_bytes(tensors) -> int:
 
 def worker(stage: int, precision: str, out: str) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
+    from trainer.train_config import DeepSpeedConfig, OptimConfig
     from unet_step import SMALL
 
     from trainer.engine import distributed as D
     from trainer.engine.deepspeed_setup import make_engine
     from trainer.models.unet import UNetModel
-    from trainer.train_config import DeepSpeedConfig, OptimConfig
 
     env = D.detect()
     D.init(env, torch.device("cpu"))

@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 
-from .config import DataConfig
 from .errors import ShardNotFoundError
 from .samples import DEFAULT_MAX_PIXELS, ImageLimits
 from .urls import expand_shards
@@ -71,9 +70,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> int:
-    from .loader import StreamingLoader
+    from .images import ImageShards, ImageShardsConfig
 
-    cfg = DataConfig(
+    cfg = ImageShardsConfig(
         urls=args.urls,
         resolution=args.resolution,
         batch_size=args.batch_size,
@@ -83,7 +82,7 @@ def _stream(args: argparse.Namespace) -> int:
         resampled=args.resampled,
         epoch_samples=args.epoch_samples,
     )
-    loader = StreamingLoader(cfg)
+    loader = ImageShards(cfg).loader(0, 1)
     it = iter(loader)
     next(it)  # start-up (worker spawn, first block) is not throughput
     t0, n = time.perf_counter(), 0

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class InputError(ValueError):
+    """Bad input from the user (a config value, a file that is not what it should be): command-line tools print
+    the message, which names the key or file, as one line and exit with code 2."""
+
+
 class ShardNotFoundError(FileNotFoundError):
     """A shard pattern matched no file (or a listed shard is missing)."""
 

@@ -1,34 +1,52 @@
-"""Latent shards: what ``ldm-precompute`` writes and the loader reads with ``data.kind=latents``.
+"""Latent shards: the format ``ldm-precompute`` writes and the trainer reads, writer and reader side by side.
 
-A sample holds ``{key}.latents.safetensors`` (posterior ``mean`` and ``std`` in fp16/bf16, and ``mean_flip`` /
+A sample holds ``{key}.latents.safetensors`` (posterior ``mean`` and ``std`` in fp16/bf16, ``mean_flip`` /
 ``std_flip`` for the horizontally flipped image when stored, and ``text`` tokens per caption line when stored),
 ``{key}.txt`` (the captions) and ``{key}.json`` (original size, crop, source). Safetensors keeps bf16 and loads
-without running code. ``manifest.json`` beside the shards records the autoencoder, the latent scale factor and
-per-shard counts and checksums; the trainer checks it against its own config.
+without running code. Beside the shards:
+
+    _manifest/<shard>.json   one record per finished shard: count, skips, sha256 and the settings it was made with
+    _manifest/scale.json     the latent scale factor measured before encoding
+    manifest.json            FORMAT, settings, scale factor, every shard's record and the totals
+    null_text.safetensors    the text encoder's tokens for the empty caption (when text tokens are stored)
+
+The reader checks ``format`` (an unknown or missing version is an error naming the file) and the settings
+against the training config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .config import DataConfig
-from .errors import SampleError
+from .atomic import atomic_json, atomic_write
+from .config import StreamConfig
+from .errors import InputError, SampleError
 from .loader import StreamingLoader
 from .samples import caption_text, metadata
+from .shards import AtomicShardWriter
 from .tario import RawSample
 from .transforms import choose_caption, sample_rng
 from .urls import expand_shards
 
+FORMAT = "ldm-latents/2"
 LATENT_EXT = "latents.safetensors"
 MANIFEST = "manifest.json"
+RECORDS = "_manifest"
 NULL_TEXT = "null_text.safetensors"
 
 
+class LatentFormatError(InputError):
+    """Latent shards that cannot be read as this version's format, or that do not match the config."""
+
+
+# -- one sample ------------------------------------------------------------------------------------------------
 def pack(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({k: v.contiguous() for k, v in tensors.items()})
 
@@ -43,11 +61,113 @@ def unpack(sample: RawSample) -> dict[str, torch.Tensor]:
         raise SampleError("bad_latent", f"{sample.url}:{sample.key}: {exc}") from None
 
 
+# -- writing ---------------------------------------------------------------------------------------------------
+class LatentShardWriter:
+    """One output shard (same name and keys as its input shard), written atomically; :meth:`close` records it."""
+
+    def __init__(self, out: Path, name: str, settings: dict):
+        self.out, self.name, self.settings = Path(out), name, settings
+        self.writer = AtomicShardWriter(self.out / name)
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], text: str, meta: dict) -> None:
+        self.writer.write({"__key__": key, LATENT_EXT: pack(tensors), "txt": text, "json": meta})
+
+    def close(self, skipped: dict[str, int]) -> dict:
+        """Finish the shard, then write its record (the record's presence means the shard is complete)."""
+        self.writer.close()
+        record = {
+            "shard": self.name,
+            "count": self.writer.count,
+            "skipped": dict(skipped),
+            "sha256": sha256_file(self.out / self.name),
+            "settings": self.settings,
+        }
+        atomic_json(self.out / RECORDS / f"{self.name}.json", record)
+        return record
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_record(out: Path, name: str, settings: dict) -> dict | None:
+    """The record of a finished output shard made with ``settings``, or None (not done, or made otherwise)."""
+    path = Path(out) / RECORDS / f"{name}.json"
+    if not path.is_file() or not (Path(out) / name).is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("settings") == settings else None
+
+
+def write_null_text(out: Path, tokens: torch.Tensor) -> None:
+    atomic_write(Path(out) / NULL_TEXT, pack({"text": tokens.contiguous()}))
+
+
+def write_manifest(out: Path, names: list[str], settings: dict, scale_factor: float, extra: dict) -> dict:
+    """``manifest.json`` over the records of ``names`` (all must be finished with ``settings``)."""
+    records = []
+    for name in names:
+        record = shard_record(out, name, settings)
+        if record is None:
+            raise LatentFormatError(f"{Path(out) / RECORDS / (name + '.json')}: shard {name} is not finished")
+        records.append(record)
+    skipped: dict[str, int] = {}
+    for r in records:
+        for k, v in r["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    manifest = {
+        "format": FORMAT,
+        "settings": settings,
+        "scale_factor": scale_factor,
+        **extra,
+        "shards": records,
+        "samples": sum(r["count"] for r in records),
+        "skipped": skipped,
+    }
+    atomic_json(Path(out) / MANIFEST, manifest)
+    return manifest
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a latent-shard folder, after checking its format version."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise LatentFormatError(f"no {MANIFEST} in {folder}: these are not ldm-precompute latent shards")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise LatentFormatError(f"{path} is not valid JSON: {exc}") from None
+    version = manifest.get("format") if isinstance(manifest, dict) else None
+    if version != FORMAT:
+        raise LatentFormatError(
+            f"{path}: latent-shard format {version!r} is not {FORMAT!r} (this version's); re-run ldm-precompute"
+        )
+    return manifest
+
+
+@dataclass
+class LatentShardsConfig(StreamConfig):
+    _target_: str = "data_pipeline.latents.LatentShards"
+    latent_flip: bool = False  # use the stored horizontally flipped latents with p=0.5 (when stored)
+    expect_autoencoder: str = ""  # refuse latent shards whose manifest names another autoencoder
+    expect_scale_factor: float = (
+        0.0  # refuse latent shards with another scale factor (0: take the manifest's)
+    )
+
+
 class LatentDecoder:
     """Raw latent sample -> {mean, std, caption, [text tokens]}: flip choice, caption choice and dropout,
     seeded per sample like the image decoder (same draws in the same order when flips are off)."""
 
-    def __init__(self, cfg: DataConfig, null_text: torch.Tensor | None = None):
+    def __init__(self, cfg: LatentShardsConfig, null_text: torch.Tensor | None = None):
         self.cfg, self.null_text = cfg, null_text
 
     def __call__(self, raw: RawSample, epoch: int) -> dict:
@@ -86,41 +206,68 @@ def collate_latents(items: list[dict]) -> dict:
     return batch
 
 
-def read_manifest(shards: list[str]) -> tuple[dict, Path]:
-    """The manifest beside the (first) latent shards."""
-    folder = Path(shards[0]).parent
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"data.urls: no {MANIFEST} beside {shards[0]}: these are not ldm-precompute shards"
-        )
-    return json.loads(path.read_text()), folder
+class LatentShards:
+    """Latent shards made by ``ldm-precompute`` (``data._target_: data_pipeline.latents.LatentShards``)."""
 
+    Config = LatentShardsConfig
 
-def latent_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:
-    """The streaming loader over latent shards, after checking their manifest against the config."""
-    shards = expand_shards(cfg.urls, cfg.allow_pipe)
-    manifest, folder = read_manifest(shards)
-    if cfg.expect_autoencoder and manifest["autoencoder"]["id"] != cfg.expect_autoencoder:
-        raise ValueError(
-            f"latent shards in {folder} were made with autoencoder {manifest['autoencoder']['id']} "
-            f"but data.expect_autoencoder is {cfg.expect_autoencoder}: re-run ldm-precompute"
-        )
-    if manifest["resolution"] != cfg.resolution:
-        raise ValueError(
-            f"latent shards in {folder} were encoded at resolution {manifest['resolution']} but "
-            f"data.resolution is {cfg.resolution}"
-        )
-    if cfg.expect_scale_factor and abs(manifest["scale_factor"] - cfg.expect_scale_factor) > 1e-6:
-        raise ValueError(
-            f"latent shards in {folder} have scale factor {manifest['scale_factor']} but "
-            f"data.expect_scale_factor is {cfg.expect_scale_factor}"
-        )
-    null_text = None
-    if (folder / NULL_TEXT).is_file():
-        null_text = load_tensors((folder / NULL_TEXT).read_bytes())["text"]
-    loader = StreamingLoader(
-        cfg, rank, world_size, decode=LatentDecoder(cfg, null_text), collate=collate_latents
-    )
-    loader.manifest = manifest
-    return loader
+    def __init__(self, config: LatentShardsConfig | None = None):
+        self.config = config or LatentShardsConfig()
+        self._shards: list[str] | None = None
+        self._manifest: dict | None = None
+
+    def shards(self) -> list[str]:
+        if self._shards is None:
+            self._shards = expand_shards(self.config.urls, self.config.allow_pipe)
+        return self._shards
+
+    def check(self) -> None:
+        self.manifest  # noqa: B018  (reads and checks it)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.shards()[0]).parent
+
+    @property
+    def manifest(self) -> dict:
+        """The checked manifest beside the (first) shards."""
+        if self._manifest is None:
+            cfg, manifest = self.config, read_manifest(self.folder)
+            where = self.folder / MANIFEST
+            resolution = manifest["settings"]["resolution"]
+            if resolution != cfg.resolution:
+                raise LatentFormatError(
+                    f"{where}: encoded at resolution {resolution} but data.resolution is {cfg.resolution}"
+                )
+            if cfg.expect_scale_factor and abs(manifest["scale_factor"] - cfg.expect_scale_factor) > 1e-6:
+                raise LatentFormatError(
+                    f"{where}: scale factor {manifest['scale_factor']} but data.expect_scale_factor is "
+                    f"{cfg.expect_scale_factor}"
+                )
+            self._manifest = manifest
+            if cfg.expect_autoencoder:
+                self.check_autoencoder(cfg.expect_autoencoder)
+        return self._manifest
+
+    def check_autoencoder(self, fingerprint: str) -> None:
+        made_with = self.manifest["settings"]["autoencoder"]
+        if made_with != fingerprint:
+            raise LatentFormatError(
+                f"latent shards in {self.folder} were made with autoencoder {made_with}, this run's is "
+                f"{fingerprint}: re-run ldm-precompute with this autoencoder"
+            )
+
+    def scale_factor(self) -> float | None:
+        return float(self.manifest["scale_factor"])
+
+    def batch_keys(self) -> frozenset[str]:
+        keys = {"latent_mean", "latent_std", "caption", "key", "original_size", "crop_top_left", "epoch"}
+        return frozenset(keys | ({"text_tokens"} if self.manifest["settings"]["text_tokens"] else set()))
+
+    def loader(self, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:
+        manifest = self.manifest
+        null_text = None
+        if manifest["settings"]["text_tokens"]:
+            null_text = load_tensors((self.folder / NULL_TEXT).read_bytes())["text"]
+        decode = LatentDecoder(self.config, null_text)
+        return StreamingLoader(self.config, decode, collate_latents, rank, world_size, self.shards())

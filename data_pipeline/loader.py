@@ -13,17 +13,15 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig
+from .config import StreamConfig
 from .errors import DataQualityError, SampleError
-from .samples import ImageLimits, caption_text, decode_rgb, metadata
 from .stream import Cursor, StreamPlan, iter_raw
 from .tario import RawSample
-from .transforms import choose_caption, crop_resize, sample_rng
 from .urls import expand_shards, shards_digest
 
 log = logging.getLogger(__name__)
@@ -66,52 +64,12 @@ def sum_counters(items: list[Counters]) -> dict:
     return out
 
 
-class ImageDecoder:
-    """Raw sample -> {pixels, caption, ...}: checks, decode, resize + crop, flip, caption choice and dropout."""
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-        self.limits = ImageLimits(cfg.min_size, cfg.max_pixels, cfg.max_aspect)
-
-    def __call__(self, raw: RawSample, epoch: int) -> dict:
-        cfg = self.cfg
-        rng = sample_rng(cfg.seed, epoch, raw.key)
-        text = caption_text(raw, cfg.caption_key)
-        pixels, size = decode_rgb(raw, self.limits, cfg.resolution)
-        pixels, top_left = crop_resize(pixels, cfg.resolution, cfg.crop, rng)
-        if cfg.hflip and rng.random() < 0.5:
-            pixels = pixels.flip(-1)
-        _, caption = choose_caption(text, cfg.caption_choice, rng)
-        if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
-            caption = ""
-        item = {"pixels": pixels, "caption": caption, "key": raw.key, "size": size, "crop": top_left}
-        if cfg.keep_json:
-            item["json"] = metadata(raw)
-        return item
-
-
-def collate_images(items: list[dict]) -> dict:
-    """Stack decoded samples: ``image`` is uint8 (B, 3, H, W) in channels-last memory layout.
-
-    Decoders produce HWC buffers (seen as CHW views), so stacking the HWC views is a plain copy."""
-    batch = {
-        "image": torch.stack([it["pixels"].permute(1, 2, 0) for it in items]).permute(0, 3, 1, 2),
-        "caption": [it["caption"] for it in items],
-        "key": [it["key"] for it in items],
-        "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
-        "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
-    }
-    if "json" in items[0]:
-        batch["json"] = [it["json"] for it in items]
-    return batch
-
-
 class _ShardDataset(IterableDataset):
     """Runs in each DataLoader worker: the slot's raw stream, decoded and batched."""
 
     def __init__(
         self,
-        cfg: DataConfig,
+        cfg: StreamConfig,
         plan: StreamPlan,
         rank: int,
         world: int,
@@ -186,16 +144,17 @@ class StreamingLoader:
 
     def __init__(
         self,
-        cfg: DataConfig,
+        cfg: StreamConfig,
+        decode: Decoder,
+        collate: Collate,
         rank: int | None = None,
         world_size: int | None = None,
-        decode: Decoder | None = None,
-        collate: Collate | None = None,
+        shards: list[str] | None = None,
     ):
         if rank is None or world_size is None:
             rank, world_size = _dist_rank_world()
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.shards = expand_shards(cfg.urls, cfg.allow_pipe)
+        self.shards = shards if shards is not None else expand_shards(cfg.urls, cfg.allow_pipe)
         self.workers = max(1, cfg.num_workers)
         nslots = self.world * self.workers
         if cfg.resampled and cfg.epoch_samples <= 0:
@@ -218,8 +177,7 @@ class StreamingLoader:
             cfg.resampled,
             cfg.epoch_samples,
         )
-        self.decode = decode or ImageDecoder(cfg)
-        self.collate = collate or collate_images
+        self.decode, self.collate = decode, collate
         self.batches = 0
         self.cursors = [Cursor() for _ in range(self.workers)]
         self.worker_counters = [Counters() for _ in range(self.workers)]
@@ -319,12 +277,30 @@ class StreamingLoader:
             yield batch
 
 
-def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:
-    """The loader for ``cfg.kind`` (``images`` now; ``latents`` reads precomputed latent shards)."""
-    if cfg.kind == "images":
-        return StreamingLoader(cfg, rank, world_size)
-    if cfg.kind == "latents":
-        from .latents import latent_loader
+@runtime_checkable
+class DataSource(Protocol):
+    """A shard source the trainer streams from (``data._target_``): image shards or latent shards."""
 
-        return latent_loader(cfg, rank, world_size)
-    raise ValueError(f"data.kind must be 'images' or 'latents', got {cfg.kind!r}")
+    def shards(self) -> list[str]:
+        """The shard URLs, expanded once (raises ShardNotFoundError naming the pattern)."""
+        ...
+
+    def check(self) -> None:
+        """The data exists now and is what the config says (raises an error naming the file or key)."""
+        ...
+
+    def loader(self, rank: int, world_size: int) -> StreamingLoader:
+        """The resumable stream of batches for one rank."""
+        ...
+
+    def batch_keys(self) -> frozenset[str]:
+        """What each batch holds (``image`` or ``latent_mean``/``latent_std``, ``caption``, ...)."""
+        ...
+
+    def scale_factor(self) -> float | None:
+        """The latent scale factor the data was made with (latent shards), None when it is not fixed."""
+        ...
+
+    def check_autoencoder(self, fingerprint: str) -> None:
+        """Refuse data made with another autoencoder (latent shards); nothing to check for images."""
+        ...

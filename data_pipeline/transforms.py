@@ -9,6 +9,17 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 
+def _center(rh: int, rw: int, resolution: int, rng: random.Random) -> tuple[int, int]:
+    return (rh - resolution) // 2, (rw - resolution) // 2
+
+
+def _random(rh: int, rw: int, resolution: int, rng: random.Random) -> tuple[int, int]:
+    return rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
+
+
+CROPS = {"center": _center, "random": _random}  # data.crop
+
+
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     """A generator for one sample in one epoch (same on every rank and worker count)."""
     return random.Random(f"{seed}:{epoch}:{key}")
@@ -27,12 +38,9 @@ def crop_resize(
     side = min(h, w)
     scale = resolution / side
     rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    if crop == "center":
-        top, left = (rh - resolution) // 2, (rw - resolution) // 2
-    elif crop == "random":
-        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
-    else:
-        raise ValueError(f"data.crop must be 'center' or 'random', got {crop!r}")
+    if crop not in CROPS:
+        raise ValueError(f"data.crop must be one of {sorted(CROPS)}, got {crop!r}")
+    top, left = CROPS[crop](rh, rw, resolution, rng)
     t0, l0 = min(round(top / scale), h - side), min(round(left / scale), w - side)
     pixels = pixels[:, t0 : t0 + side, l0 : l0 + side]
     if side != resolution:
@@ -44,15 +52,16 @@ def caption_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+CAPTION_CHOICES = {"first": lambda n, rng: 0, "random": lambda n, rng: rng.randrange(n) if n > 1 else 0}
+
+
 def choose_caption(text: str, mode: str, rng: random.Random) -> tuple[int, str]:
     """Pick one caption when the text holds several (one per line): ``first`` or ``random``.
     Returns its index and text."""
+    if mode not in CAPTION_CHOICES:
+        raise ValueError(f"data.caption_choice must be one of {sorted(CAPTION_CHOICES)}, got {mode!r}")
     lines = caption_lines(text)
     if not lines:
         return 0, ""
-    if mode == "first" or len(lines) == 1:
-        return 0, lines[0]
-    if mode == "random":
-        i = rng.randrange(len(lines))
-        return i, lines[i]
-    raise ValueError(f"data.caption_choice must be 'first' or 'random', got {mode!r}")
+    i = CAPTION_CHOICES[mode](len(lines), rng)
+    return i, lines[i]

@@ -1,8 +1,8 @@
 """A real two-node Slurm cluster on one machine, for tests, CI and trying the sbatch scripts locally.
 
-    sudo python slurm/localcluster.py up        # install (Debian, as root) + start; prints `export SLURM_CONF=...`
-    python slurm/localcluster.py status
-    sudo python slurm/localcluster.py down
+    sudo python -m slurm.localcluster up        # install (Debian, as root) + start; prints `export SLURM_CONF=...`
+    python -m slurm.localcluster status         # "not installed", "down (...)" or each node's state
+    sudo python -m slurm.localcluster down
 
 Debian's slurmctld, slurmd, slurm-client and munge are installed when missing (root only). The daemons are
 started by hand (no systemd): munged as user munge, slurmctld, then one slurmd per emulated node (Debian's
@@ -30,8 +30,15 @@ DEFAULT_DIR = Path(os.environ.get("LDM_SLURM_DIR", "/tmp/ldm-slurm"))
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
+UP_COMMAND = "sudo python -m slurm.localcluster up"
+
+
+class ClusterUnavailable(RuntimeError):
+    """The local cluster cannot be installed or started here; the message names the command to run."""
+
+
 def installed() -> bool:
-    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "sinfo", "munged"))
 
 
 def install() -> None:
@@ -39,8 +46,14 @@ def install() -> None:
     if installed():
         return
     if os.geteuid() != 0:
-        raise RuntimeError(
-            f"Slurm is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}"
+        raise ClusterUnavailable(
+            f"Slurm is not installed and installing it needs root: run `{UP_COMMAND}` "
+            f"(or apt-get install {' '.join(PACKAGES)} and start the daemons)"
+        )
+    if shutil.which("apt-get") is None:
+        raise ClusterUnavailable(
+            f"Slurm is not installed and this machine has no apt-get: install {' '.join(PACKAGES)} with its "
+            f"package manager, then run `{UP_COMMAND}`"
         )
     Path("/var/lib/man-db/auto-update").unlink(missing_ok=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -132,6 +145,9 @@ def _alive(pid: int | None) -> bool:
 
 
 def status(folder: Path = DEFAULT_DIR) -> str:
+    """Each node's state ("n1 idle\nn2 idle"), "down (<why>)", or "not installed"."""
+    if shutil.which("sinfo") is None:
+        return "not installed"
     out = subprocess.run(
         ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=_env(folder)
     )
@@ -140,11 +156,14 @@ def status(folder: Path = DEFAULT_DIR) -> str:
 
 def up(folder: Path = DEFAULT_DIR, timeout: float = 60) -> Path:
     """Install if needed, write slurm.conf, start the daemons; returns the slurm.conf path."""
-    if os.geteuid() != 0:
-        raise RuntimeError("starting slurmctld/slurmd here needs root")
     install()
-    if status(folder).split() and all(f"{n} idle" in status(folder) for n in NODES):
+    state = status(folder)
+    if all(f"{n} idle" in state for n in NODES):
         return folder / "slurm.conf"
+    if os.geteuid() != 0:
+        raise ClusterUnavailable(
+            f"the local Slurm cluster is {state} and starting it needs root: run `{UP_COMMAND}`"
+        )
     down(folder)
     for sub in ("state", "spool/n1", "spool/n2"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -197,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except ClusterUnavailable as exc:
+        print(f"localcluster: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.action == "up":
         conf = up(args.dir)
         print(f"cluster up: {status(args.dir)!r}\nexport SLURM_CONF={conf}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,21 +114,45 @@ def img2dataset_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real two-node Slurm cluster on this machine (slurm/localcluster.py). Outside CI it is skipped when it
-    cannot be started (not root); in CI that is a failure."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm"))
-    import localcluster
+    """A real two-node Slurm cluster on this machine (slurm/localcluster.py), installed and started when it is
+    missing (as root). When that cannot be done here, the tests that need it fail with one line naming the
+    command to run (never a skip: the scheduler is a real component)."""
+    from slurm import localcluster
 
     was_up = localcluster.status().startswith("n1 idle")
     try:
         conf = localcluster.up()
-    except Exception as exc:
-        if IN_CI:
-            raise
-        pytest.skip(f"no local Slurm cluster: {exc}")
+    except localcluster.ClusterUnavailable as exc:
+        pytest.fail(f"no local Slurm cluster: {exc}", pytrace=False)
     os.environ["SLURM_CONF"] = str(conf)
     yield conf
     if not was_up:
         localcluster.down()
+
+
+# -- the checkout stays clean: tests write only under temp dirs ------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+CACHES = (".venv/", ".cache/", ".pytest_cache/", ".ruff_cache/")  # tool caches, ignored by git
+
+
+def checkout_state() -> set[str]:
+    """Changed, untracked and ignored paths of the checkout (``git status``), but for tool caches."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored=matching", "--untracked-files=all"],
+                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if out.returncode != 0:
+        return set()
+    paths = {line[3:] for line in out.stdout.splitlines()}
+    return {p for p in paths if not p.startswith(CACHES) and "__pycache__" not in p}
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    written = checkout_state() - session.config._checkout_before
+    if written:
+        print(
+            f"\nFAILED: the tests wrote into the checkout (they must write under temp dirs): {sorted(written)}"
+        )
+        session.exitstatus = 1

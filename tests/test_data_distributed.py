@@ -8,16 +8,14 @@ import os
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.config import DataConfig
-from data_pipeline.loader import StreamingLoader
+from data_pipeline.images import ImageShards, ImageShardsConfig
 
 
 def _rank_main(rank: int, world: int, port: int, urls: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    loader = StreamingLoader(
-        DataConfig(urls=urls, resolution=32, batch_size=4, num_workers=2, shuffle_buffer=20)
-    )
+    cfg = ImageShardsConfig(urls=urls, resolution=32, batch_size=4, num_workers=2, shuffle_buffer=20)
+    loader = ImageShards(cfg).loader()  # rank and world size from the process group
     keys, epochs_done = [], set()
     it = iter(loader)
     while len(epochs_done) < 2:  # until both workers of this rank have moved to epoch 1

@@ -8,15 +8,18 @@ import logging
 import pytest
 import torch
 
-from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataQualityError, ShardNotFoundError
-from data_pipeline.loader import StreamingLoader, build_loader
+from data_pipeline.images import ImageShards, ImageShardsConfig
 
 
-def cfg_for(urls, **kw) -> DataConfig:
+def cfg_for(urls, **kw) -> ImageShardsConfig:
     base = dict(urls=str(urls), resolution=32, batch_size=4, num_workers=0, shuffle_buffer=16, seed=1)
     base.update(kw)
-    return DataConfig(**base)
+    return ImageShardsConfig(**base)
+
+
+def build_loader(cfg: ImageShardsConfig, rank: int = 0, world_size: int = 1):
+    return ImageShards(cfg).loader(rank, world_size)
 
 
 def take(loader, n):
@@ -59,7 +62,7 @@ def test_caption_choice_and_dropout_are_per_sample_and_seeded(corrupt_set):
     )
     picked = {b["caption"][0] for b in take(build_loader(cfg), 60) if b["key"][0] == "a9"}
     assert picked == {"a png", "second caption"}  # both lines of a9's caption get picked across epochs
-    first = build_loader(DataConfig(**{**vars(cfg), "caption_choice": "first"}))
+    first = build_loader(ImageShardsConfig(**{**vars(cfg), "caption_choice": "first"}))
     assert {b["caption"][0] for b in take(first, 60) if b["key"][0] == "a9"} == {"a png"}
 
     def captions(p):
@@ -113,9 +116,9 @@ def test_bad_configs_fail_at_start(synth_shards, tmp_path):
     with pytest.raises(ShardNotFoundError, match="does not exist"):
         build_loader(cfg_for(tmp_path / "x-{0..3}.tar"))
     with pytest.raises(ShardNotFoundError, match=r"data\.urls is empty"):
-        build_loader(DataConfig(urls=[]))
+        build_loader(ImageShardsConfig(urls=[]))
     with pytest.raises(ValueError, match=r"8 shards cannot feed 3 ranks x 4 workers"):
-        StreamingLoader(cfg_for(synth_shards, num_workers=4), rank=0, world_size=3)
+        build_loader(cfg_for(synth_shards, num_workers=4), 0, 3)
     with pytest.raises(ValueError, match="epoch_samples"):
         build_loader(cfg_for(synth_shards, resampled=True))
 
@@ -181,7 +184,7 @@ def test_every_epoch_covers_the_data_once_per_rank_split(synth_shards):
     """Two ranks x two workers (computed in one process): disjoint, complete epoch 0."""
     seen = []
     for rank in range(2):
-        loader = StreamingLoader(cfg_for(synth_shards, num_workers=2, batch_size=5), rank=rank, world_size=2)
+        loader = build_loader(cfg_for(synth_shards, num_workers=2, batch_size=5), rank, 2)
         keys = []
         for batch in itertools.islice(iter(loader), 60):
             keys += [k for k, e in zip(batch["key"], batch["epoch"].tolist(), strict=True) if e == 0]
@@ -191,9 +194,9 @@ def test_every_epoch_covers_the_data_once_per_rank_split(synth_shards):
 
 
 def test_world_size_change_restarts_the_epoch_in_progress(synth_shards, caplog):
-    a = StreamingLoader(cfg_for(synth_shards, batch_size=5), rank=0, world_size=2)
+    a = build_loader(cfg_for(synth_shards, batch_size=5), 0, 2)
     take(a, 40)  # 200 samples: into epoch 1 (160 samples per rank per epoch)
-    b = StreamingLoader(cfg_for(synth_shards, batch_size=5), rank=0, world_size=1)
+    b = build_loader(cfg_for(synth_shards, batch_size=5), 0, 1)
     with caplog.at_level(logging.WARNING):
         b.load_state_dict(a.state_dict())
     assert "restarting epoch 1" in caplog.text

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.pipeline import LatentDiffusionPipeline
+from trainer.inference.pipeline import LatentDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def demo_run(tmp_path_factory) -> Path:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     res = subprocess.run(
-        [sys.executable, "-m", "trainer.demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "trainer.cli.demo", "--quick", "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -6,15 +6,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from trainer.diffusion.objectives import (
-    DiffusionConfig,
-    DiffusionObjective,
-    loss_weights,
-    target_for,
-    to_x0_eps,
+from trainer.diffusion.objectives import Diffusion, DiffusionConfig, DiffusionObjective
+from trainer.diffusion.parameterizations import (
+    EpsPrediction,
+    MinSNRConfig,
+    MinSNRWeighting,
+    VPrediction,
+    X0Prediction,
 )
 from trainer.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2M
-from trainer.diffusion.schedules import NoiseSchedule, ScheduleConfig
+from trainer.diffusion.schedules import CosineSchedule, LinearSchedule, NoiseSchedule, ScaledLinearSchedule
 
 KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -32,9 +33,13 @@ def ref_kwargs(kind: str, zero_snr: bool = False, pred: str = "eps") -> dict:
     )
 
 
+SCHEDULES = {"linear": LinearSchedule, "scaled_linear": ScaledLinearSchedule, "cosine": CosineSchedule}
+PARAMS = {"eps": EpsPrediction(), "v": VPrediction(), "x0": X0Prediction()}
+
+
 def ours(kind: str, zero_snr: bool = False) -> NoiseSchedule:
-    beta = (0.0001, 0.02) if kind == "linear" else (0.00085, 0.012)
-    return NoiseSchedule(ScheduleConfig(kind, 1000, beta[0], beta[1], zero_snr))
+    cls = SCHEDULES[kind]
+    return cls(cls.Config(zero_terminal_snr=zero_snr))  # the defaults are the reference betas
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -51,11 +56,11 @@ def fake_model(x: torch.Tensor, t) -> torch.Tensor:
     return 0.7 * torch.sin(1.3 * x) + 0.2 * torch.cos(float(t) / 137.0 + x)
 
 
-def pair(name: str, kind: str, pred: str, zero_snr: bool = False, **kw):
-    sched = ours(kind, zero_snr)
+def pair(name: str, kind: str, pred_name: str, zero_snr: bool = False, **kw):
+    sched, pred = ours(kind, zero_snr), PARAMS[pred_name]
     if name == "ddpm":
         return DDPMSampler(sched, pred, spacing=kw.get("spacing", "leading")), DDPMScheduler(
-            **ref_kwargs(kind, zero_snr, pred),
+            **ref_kwargs(kind, zero_snr, pred_name),
             clip_sample=False,
             timestep_spacing=kw.get("spacing", "leading"),
         )
@@ -68,14 +73,14 @@ def pair(name: str, kind: str, pred: str, zero_snr: bool = False, **kw):
             steps_offset=kw.get("offset", 0),
             set_alpha_to_one=kw.get("alpha_one", True),
         ), DDIMScheduler(
-            **ref_kwargs(kind, zero_snr, pred),
+            **ref_kwargs(kind, zero_snr, pred_name),
             clip_sample=False,
             timestep_spacing=kw.get("spacing", "leading"),
             steps_offset=kw.get("offset", 0),
             set_alpha_to_one=kw.get("alpha_one", True),
         )
     return DPMSolverPP2M(sched, pred), DPMSolverMultistepScheduler(
-        **ref_kwargs(kind, zero_snr, pred), algorithm_type="dpmsolver++", solver_order=2
+        **ref_kwargs(kind, zero_snr, pred_name), algorithm_type="dpmsolver++", solver_order=2
     )
 
 
@@ -149,17 +154,17 @@ def test_v_and_eps_targets_give_the_same_x0_in_float64():
     abar = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
     a, s = abar.sqrt(), (1 - abar).sqrt()
     z = a * x0 + s * noise
-    for pred in ("eps", "v", "x0"):
-        rec_x0, rec_eps = to_x0_eps(pred, target_for(pred, x0, noise, a, s), z, a, s)
+    for pred in PARAMS.values():
+        rec_x0, rec_eps = pred.to_x0_eps(pred.target(x0, noise, a, s), z, a, s)
         assert torch.allclose(rec_x0, x0, atol=1e-9, rtol=0) and torch.allclose(
             rec_eps, noise, atol=1e-9, rtol=0
         )
 
 
 def test_ddim_eta0_with_the_true_noise_recovers_the_clean_latent():
-    sched = NoiseSchedule(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))
+    sched = ScaledLinearSchedule()
     sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sampler = DDIMSampler(sched, "eps", eta=0.0, set_alpha_to_one=True)
+    sampler = DDIMSampler(sched, EpsPrediction(), eta=0.0, set_alpha_to_one=True)
     sampler.set_timesteps(25)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -173,11 +178,11 @@ def test_ddim_eta0_with_the_true_noise_recovers_the_clean_latent():
 
 def test_min_snr_weights_and_offset_noise():
     snr = torch.tensor([0.5, 5.0, 50.0])
-    cfg = DiffusionConfig(loss_weighting="min_snr", snr_gamma=5.0, prediction="eps")
-    assert torch.allclose(loss_weights(cfg, snr), torch.tensor([1.0, 1.0, 0.1]))
-    cfg_v = DiffusionConfig(loss_weighting="min_snr", snr_gamma=5.0, prediction="v")
-    assert torch.allclose(loss_weights(cfg_v, snr), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
-    obj = DiffusionObjective(DiffusionConfig(offset_noise=0.1))
+    weighting = MinSNRWeighting(MinSNRConfig(gamma=5.0))
+    assert torch.allclose(weighting(snr, EpsPrediction()), torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(weighting(snr, VPrediction()), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    assert torch.allclose(weighting(snr, X0Prediction()), torch.tensor([0.5, 5.0, 5.0]))
+    obj = DiffusionObjective(Diffusion(DiffusionConfig(offset_noise=0.1)))
     x = torch.zeros(64, 4, 16, 16)
     noise = obj.sample_noise(x, torch.Generator().manual_seed(0))
     per_channel_mean = noise.mean(dim=(2, 3))
@@ -185,7 +190,9 @@ def test_min_snr_weights_and_offset_noise():
 
 
 def test_objective_loss_is_the_mse_of_the_chosen_target():
-    obj = DiffusionObjective(DiffusionConfig(prediction="v"))
+    obj = DiffusionObjective(
+        Diffusion.from_node({"parameterization": {"_target_": VPrediction.Config._target_}})
+    )
     x0 = torch.randn(3, 4, 8, 8)
     noise = torch.randn(3, 4, 8, 8)
     t = torch.tensor([1, 400, 999])
@@ -200,3 +207,24 @@ def test_objective_loss_is_the_mse_of_the_chosen_target():
     assert seen["z"].shape[1] == 9 and torch.equal(seen["z"][:, 4:], torch.ones(3, 5, 8, 8))
     assert torch.allclose(seen["z"][:, :4], a * x0 + s * noise)
     assert torch.allclose(loss, (a * noise - s * x0).pow(2).mean())
+
+
+def test_min_snr_with_zero_terminal_snr_is_finite_at_the_last_timestep():
+    """eps + min-SNR + zero terminal SNR once divided 0 by 0 at t = T-1 (a NaN loss)."""
+    sched = ScaledLinearSchedule(ScaledLinearSchedule.Config(zero_terminal_snr=True))
+    t = torch.tensor([999, 998, 500, 0])
+    snr = sched.snr(t)
+    assert snr[0] == 0
+    weighting = MinSNRWeighting(MinSNRConfig(gamma=5.0))
+    for pred in PARAMS.values():
+        assert torch.isfinite(weighting(snr, pred)).all(), pred
+    assert weighting(snr, EpsPrediction())[0] == 1.0  # the limit of min(SNR, gamma) / SNR as SNR -> 0
+    diffusion = Diffusion.from_node(
+        {
+            "schedule": {"_target_": ScaledLinearSchedule.Config._target_, "zero_terminal_snr": True},
+            "weighting": {"_target_": MinSNRConfig._target_},
+        }
+    )
+    x0 = torch.randn(4, 4, 8, 8)
+    loss, _ = DiffusionObjective(diffusion).loss(lambda z, tt: torch.zeros_like(z), x0, t=t)
+    assert torch.isfinite(loss)

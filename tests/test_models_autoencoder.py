@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from diffusers import AutoencoderKL as DiffusersKL
+from presets import config
 
 from trainer.models.ae_loss import AutoencoderLoss, AutoencoderLossConfig, build_lpips
 from trainer.models.autoencoder import (
@@ -17,7 +18,7 @@ from trainer.models.autoencoder import (
 )
 from trainer.models.convert import diffusers_vae_config, vae_from_diffusers, vae_to_diffusers
 
-TINY = AutoencoderConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, resolution=32)
+TINY = config("autoencoder/tiny")
 
 
 def rel_err(a, b):
@@ -52,9 +53,7 @@ def test_vae_matches_diffusers_both_ways():
 
 @pytest.mark.parametrize("mult,f", [([1, 2, 2], 4), ([1, 2, 2, 4], 8), ([1, 1, 2, 2, 4], 16)])
 def test_downsampling_factor(mult, f):
-    model = AutoencoderKL(
-        AutoencoderConfig(ch=16, ch_mult=mult, num_res_blocks=1, norm_groups=8, resolution=64)
-    )
+    model = AutoencoderKL(config("autoencoder/tiny", ch=16, ch_mult=mult, resolution=64))
     assert model.config.downsampling == f
     with torch.no_grad():
         z = model.encode_latents(torch.randn(1, 3, 64, 64))

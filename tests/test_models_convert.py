@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import config
 from safetensors.torch import save_file
 
-from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from trainer.models.autoencoder import AutoencoderKL
 from trainer.models.convert import load_single_file
-from trainer.models.unet import UNetConfig, UNetModel
+from trainer.models.unet import UNetModel
 
-UNET = UNetConfig(
-    model_channels=32,
-    channel_mult=[1, 2],
-    num_res_blocks=1,
-    attention_resolutions=[1, 2],
-    num_heads=2,
-    context_dim=16,
-    norm_groups=8,
-)
-VAE = AutoencoderConfig(ch=16, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8, resolution=16)
+UNET = config("unet/tiny", context_dim=16)
+VAE = config("autoencoder/tiny", ch=16, ch_mult=[1, 2], resolution=16)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from presets import config
 
 from trainer.models.convert import (
     diffusers_unet_config,
@@ -14,29 +15,19 @@ from trainer.models.convert import (
 )
 from trainer.models.unet import UNetConfig, UNetModel
 
-TINY = dict(
-    model_channels=32,
-    channel_mult=[1, 2, 2],
-    num_res_blocks=2,
-    attention_resolutions=[1, 2],
-    num_heads=2,
-    context_dim=24,
-    norm_groups=8,
-    sample_size=8,
-)
+TINY = dict(channel_mult=[1, 2, 2], num_res_blocks=2, context_dim=24)  # unet/tiny, three levels deep
 VARIANTS = {
-    "text": UNetConfig(**TINY),
-    "linear_headdim_classes": UNetConfig(
-        **{
-            **TINY,
-            "num_heads": -1,
-            "head_dim": 8,
-            "use_linear_in_transformer": True,
-            "num_classes": 10,
-            "transformer_depth": 2,
-        }
+    "text": config("unet/tiny", **TINY),
+    "linear_headdim_classes": config(
+        "unet/tiny",
+        **TINY,
+        num_heads=-1,
+        head_dim=8,
+        use_linear_in_transformer=True,
+        num_classes=10,
+        transformer_depth=2,
     ),
-    "inpainting_concat": UNetConfig(**{**TINY, "in_channels": 9, "attention_resolutions": [2, 4]}),
+    "inpainting_concat": config("unet/tiny", **TINY, in_channels=9, attention_resolutions=[2, 4]),
 }
 
 

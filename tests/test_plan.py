@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from trainer.cli.info import info
+from trainer.config import ConfigError, compose
 from trainer.plan import _flops, zero_memory
 
 
@@ -38,7 +40,7 @@ def test_cli_prints_a_plan_for_tiny_models():
         [
             sys.executable,
             "-m",
-            "trainer.info",
+            "trainer.cli.info",
             "unet=tiny",
             "autoencoder=tiny",
             "text_encoder=tiny_clip",
@@ -64,9 +66,11 @@ def test_cli_prints_a_plan_for_tiny_models():
     assert z["stage_3"]["params"] * 2 == z["stage_0"]["params"]
 
 
-def test_bad_resolution_and_typos_fail_naming_the_key():
-    base = [sys.executable, "-m", "trainer.info", "unet=tiny", "autoencoder=tiny", "text_encoder=tiny_clip"]
-    out = subprocess.run([*base, "resolution=36"], capture_output=True, text=True)
-    assert out.returncode != 0 and "resolution 36 is not divisible" in out.stderr
-    out = subprocess.run([*base, "+unet.num_head=4"], capture_output=True, text=True)
-    assert out.returncode != 0 and "num_head" in out.stderr and "unet" in out.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [("resolution=36", "resolution 36 is not divisible"), ("+unet.num_head=4", "num_head")],
+)
+def test_bad_resolution_and_typos_fail_naming_the_key(override, message):
+    cfg = compose("info", ["unet=tiny", "autoencoder=tiny", "text_encoder=tiny_clip", override])
+    with pytest.raises(ConfigError, match=message):
+        info(cfg)

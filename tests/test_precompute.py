@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from presets import model as preset_model
 from safetensors.torch import save_file
 from trainrun import ROOT, TORCHRUN, env, metrics, run, wait_paused_then_kill
 
@@ -17,20 +18,15 @@ from data_pipeline.tario import iter_shard
 from data_pipeline.transforms import crop_resize, sample_rng
 from data_pipeline.urls import expand_shards
 from data_pipeline.validate import validate_shards
-from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 pytestmark = pytest.mark.slow
-TINY_AE = dict(
-    ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=8, resolution=32
-)
 
 
 @pytest.fixture(scope="module")
 def tiny_ae(tmp_path_factory):
     """A (random) tiny autoencoder saved as our export: every run here uses these exact weights."""
     folder = tmp_path_factory.mktemp("ae")
-    torch.manual_seed(123)
-    model = AutoencoderKL(AutoencoderConfig(**TINY_AE))
+    model = preset_model("autoencoder/tiny", seed=123)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
     )
@@ -53,7 +49,7 @@ def precompute_cmd(out, data, ae, extra=()) -> list[str]:
         "--nproc_per_node=2",
         "--master_port=29733",
         "-m",
-        "trainer.precompute",
+        "trainer.cli.precompute",
         f"out={out}",
         f"data.urls={data}",
         "autoencoder=tiny",
@@ -149,13 +145,13 @@ def test_training_from_latents_gives_the_first_step_loss_of_training_from_images
     common = [
         "weights.allow_random_autoencoder=false",
         f"weights.autoencoder={ae}",
-        "posterior=mean",
+        "task.sample_posterior=false",
         "max_steps=2",
         "checkpoint.every=100",
         "ema.enabled=false",
     ]
     run(tmp_path / "img", synth_shards, common, nproc=1)
-    run(tmp_path / "lat_run", lat, [*common, "data.kind=latents"], nproc=1)
+    run(tmp_path / "lat_run", lat, [*common, "data=latents", "data.shuffle_buffer=500"], nproc=1)
     a = [r for r in metrics(tmp_path / "img") if "loss" in r]
     b = [r for r in metrics(tmp_path / "lat_run") if "loss" in r]
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=2e-3)  # fp16 storage of the latents
@@ -171,13 +167,13 @@ def test_latents_from_another_autoencoder_or_resolution_are_refused(tmp_path, sy
     other = tmp_path / "other_ae"
     other.mkdir()
     torch.manual_seed(7)
-    m = AutoencoderKL(AutoencoderConfig(**TINY_AE))
+    m = preset_model("autoencoder/tiny")
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(other / "autoencoder.safetensors"))
     out = run(
         tmp_path / "r1",
         lat,
         [
-            "data.kind=latents",
+            "data=latents",
             "weights.allow_random_autoencoder=false",
             f"weights.autoencoder={other}",
             "max_steps=1",
@@ -185,12 +181,12 @@ def test_latents_from_another_autoencoder_or_resolution_are_refused(tmp_path, sy
         nproc=1,
         check=False,
     )
-    assert out.returncode != 0 and "data.expect_autoencoder" in out.stderr
+    assert out.returncode != 0 and "were made with autoencoder" in out.stderr
     out = run(
         tmp_path / "r2",
         lat,
         [
-            "data.kind=latents",
+            "data=latents",
             "weights.allow_random_autoencoder=false",
             f"weights.autoencoder={ae}",
             "max_steps=1",

@@ -10,36 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from presets import tiny_pipeline
 
-from trainer.diffusion.objectives import DiffusionConfig
-from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from trainer.models.text_encoders import TINY_OPENCLIP, OpenCLIPConfig, OpenCLIPTextEncoder
-from trainer.models.unet import UNetConfig, UNetModel
-from trainer.pipeline import GenerateOptions, LatentDiffusionPipeline
-
-
-def tiny_pipeline(seed: int = 0) -> LatentDiffusionPipeline:
-    torch.manual_seed(seed)
-    unet = UNetModel(
-        UNetConfig(
-            model_channels=32,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[1, 2],
-            num_heads=2,
-            context_dim=64,
-            norm_groups=8,
-            sample_size=8,
-        )
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(
-        AutoencoderConfig(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, resolution=32)
-    )
-    text = OpenCLIPTextEncoder(OpenCLIPConfig(model_name=TINY_OPENCLIP))
-    return LatentDiffusionPipeline(unet.eval(), vae.eval(), text, DiffusionConfig(), scale_factor=0.5)
+from trainer.inference.pipeline import GenerateOptions, LatentDiffusionPipeline
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +71,7 @@ def test_ldm_sample_cli_writes_pngs_grid_and_index(export_dir, tmp_path):
     base = [
         sys.executable,
         "-m",
-        "trainer.sample",
+        "trainer.cli.sample",
         str(export_dir),
         "--prompts-file",
         str(prompts),

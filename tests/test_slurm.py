@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 from trainrun import PY, ROOT, env, events, losses, metrics
 
 pytestmark = pytest.mark.slow
-SUBMIT = [PY, "-m", "trainer.submit"]
+SUBMIT = [PY, "-m", "trainer.cli.submit"]
 
 
 def base(run_dir: Path, shards: Path) -> list[str]:
@@ -92,8 +91,7 @@ def test_preemption_checkpoints_requeues_and_resumes(tmp_path, synth_shards, slu
             *base(run_dir, synth_shards),
             f"max_steps={steps}",
             "checkpoint.every=1000",
-            "logger.kind=wandb",
-            "logger.mode=offline",
+            "logger=wandb_offline",
         ],
     )
 
@@ -123,12 +121,9 @@ def _tiny_autoencoder(folder: Path, garbage: bool = False) -> Path:
     if garbage:
         (folder / "autoencoder.safetensors").write_bytes(b"\x00" * 64)
         return folder
-    from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from presets import model as preset_model
 
-    torch.manual_seed(3)
-    model = AutoencoderKL(
-        AutoencoderConfig(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, resolution=32)
-    )
+    model = preset_model("autoencoder/tiny", seed=3)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
     )

@@ -1,68 +1,93 @@
-"""ldm-train refuses bad configs before the first step, naming the key; dry_run and --cfg job."""
+"""ldm-train refuses bad configs before the first step, naming the key (in-process); dry_run and --cfg job; the
+autoencoder stage's export feeds the UNet stage; W&B offline across a resume."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from trainrun import metrics, run
+from trainrun import PY, env, metrics, run
+
+from trainer.config import ConfigError, compose
+from trainer.train import prepare, train
 
 BAD = [
     (["data.resolution=36"], "data.resolution=36 is not divisible"),
     (["data.urls=[]"], "data.urls"),
-    (
-        ["deepspeed.zero_stage=3", "deepspeed.modules=[unet,text_encoder]"],
-        "ZeRO-3 would shard a frozen encoder",
-    ),
+    (["precision=fp8"], "precision must be one of"),
     (
         ["weights.allow_random_autoencoder=false", "weights.autoencoder=/nonexistent/vae"],
         "weights.autoencoder",
     ),
     (["weights.allow_random_autoencoder=false"], "weights.autoencoder is empty"),
     (["text_encoder.pretrained=/nonexistent/open_clip.pt"], "text_encoder.pretrained"),
-    (["+optim.lrr=1e-4"], "Key 'lrr' not in 'OptimConfig'"),
-    (["optim.lrr=1e-4"], "Key 'lrr' not in 'OptimConfig'"),
-    (["optim.lr=fast"], "optim.lr"),
+    (["+optim.lrr=1e-4"], "Key 'lrr' not in 'AdamWConfig'"),
+    (["optim.lr=fast"], "optim"),
+    (["task.concat={_target_:trainer.tasks.concat.InpaintConcat}"], "unet.in_channels=4"),
+    (["lr_schedule._target_=os.system"], "only component classes"),
     (["unet.context_dim=32"], "unet.context_dim=32"),
     (
-        ["stage=autoencoder", "deepspeed.zero_stage=3", "loss.lpips_random_backbone=true"],
-        "zero_stage=3 is not supported",
+        ["task=autoencoder", "deepspeed.zero_stage=3", "task.loss.lpips_random_backbone=true"],
+        "zero_stage must be 0-2",
     ),
+    (["task=unet", "data=latents"], "latent"),
 ]
 
 
+def train_config(tmp_path, shards, overrides: list[str]):
+    return compose("train", ["experiment=tiny_cpu", f"run_dir={tmp_path}", f"data.urls={shards}", *overrides])
+
+
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
-def test_bad_config_fails_before_the_first_step(tmp_path, synth_shards, overrides, message):
-    out = run(tmp_path, synth_shards, overrides, nproc=1, check=False, timeout=300)
-    assert out.returncode != 0
-    assert message in out.stderr + out.stdout
-    logged = [r for r in metrics(tmp_path) if "loss" in r] if (tmp_path / "metrics.jsonl").exists() else []
-    assert logged == []
+def test_bad_config_fails_before_anything_runs(tmp_path, synth_shards, overrides, message):
+    with pytest.raises((ConfigError, FileNotFoundError, ValueError), match=message):
+        cfg = train_config(tmp_path, synth_shards, overrides)
+        prepare(cfg)
 
 
-def test_dry_run_prints_the_plan_and_cfg_job_the_config(tmp_path, synth_shards):
-    out = run(tmp_path, synth_shards, ["dry_run=true"], nproc=1)
-    plan = json.loads(out.stdout[out.stdout.index("{") :])
+def test_cli_prints_one_line_and_exits_2_on_a_bad_config(tmp_path, synth_shards):
+    import subprocess
+
+    out = subprocess.run([PY, "-m", "trainer.cli.train", "experiment=tiny_cpu", f"run_dir={tmp_path}",
+                          f"data.urls={synth_shards}", "data.resolution=36"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("ldm-train: data.resolution=36 is not divisible")
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_dry_run_prints_the_plan(tmp_path, synth_shards, capsys):
+    assert train(train_config(tmp_path, "/nonexistent/shards", ["dry_run=true"])) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["latent_size"] == 8 and plan["modules"]["unet"]["trainable"] > 0
     assert not (tmp_path / "checkpoints").exists()
-    out = run(tmp_path, synth_shards, ["--cfg", "job"], nproc=1)
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path, synth_shards):
+    import subprocess
+
+    out = subprocess.run([PY, "-m", "trainer.cli.train", "experiment=tiny_cpu", f"run_dir={tmp_path}", "--cfg", "job"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, check=True)  # fmt: skip
     assert "zero_stage: 2" in out.stdout and "max_steps: 60" in out.stdout
+    assert "_target_: trainer.tasks.unet.UNetTask" in out.stdout
 
 
+@pytest.mark.slow
 def test_autoencoder_stage_exports_what_the_unet_stage_loads(tmp_path, synth_shards):
     ae_dir = tmp_path / "ae"
     ae = [
-        "stage=autoencoder",
+        "task=autoencoder",
         "max_steps=6",
         "checkpoint.every=3",
-        "loss.lpips_net=alex",
-        "loss.lpips_random_backbone=true",
-        "loss.disc_start=3",
-        "loss.disc_layers=2",
+        "task.loss.lpips_net=alex",
+        "task.loss.lpips_random_backbone=true",
+        "task.loss.disc_start=3",
+        "task.loss.disc_layers=2",
         "data.resolution=32",
         "ema.enabled=false",
         "deepspeed.zero_stage=1",
-        "logger.sample_every=3",
+        "eval.every=3",
     ]
     run(ae_dir, synth_shards, ae)
     rows = metrics(ae_dir)
@@ -77,7 +102,7 @@ def test_autoencoder_stage_exports_what_the_unet_stage_loads(tmp_path, synth_sha
         "COMMITTED",
     }
     assert list((ae_dir / "samples").glob("samples_*.png"))
-    from trainer.export import export
+    from trainer.inference.export import export
 
     out = export(ae_dir / "checkpoints", tmp_path / "ae_export")
     assert (out / "autoencoder.safetensors").is_file() and (
@@ -97,16 +122,16 @@ def test_autoencoder_stage_exports_what_the_unet_stage_loads(tmp_path, synth_sha
     assert [r for r in metrics(unet_dir) if "loss" in r][-1]["step"] == 3
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_continues_after_resume_and_never_stores_the_key(
     tmp_path, synth_shards, monkeypatch
 ):
     monkeypatch.setenv("WANDB_API_KEY", "local-0123456789abcdef0123456789abcdef01234567")
     common = [
-        "logger.kind=wandb",
-        "logger.mode=offline",
+        "logger=wandb_offline",
         "checkpoint.every=2",
-        "logger.sample_every=2",
-        "logger.sample_steps=2",
+        "eval.every=2",
+        "eval.steps=2",
     ]
     run(tmp_path, synth_shards, [*common, "max_steps=2"], nproc=1)
     run(tmp_path, synth_shards, [*common, "max_steps=4"], nproc=1)

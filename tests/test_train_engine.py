@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from trainrun import events, keys_by_step, losses, metrics, run, run_until_paused_then_kill
 
-from trainer.export import checkpoint_folder, export, trained_weights
+from trainer.inference.export import checkpoint_folder, export, trained_weights
 
 pytestmark = pytest.mark.slow
 

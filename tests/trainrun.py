@@ -34,17 +34,17 @@ def command(run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -
         "logger.log_every=1",
         "logger.progress=false",
         "data.num_workers=2",
-        "logger.kind=jsonl",
+        "logger=jsonl",
     ]
     if nproc == 1:
-        return [PY, "-m", "trainer.train", *base, *overrides]
+        return [PY, "-m", "trainer.cli.train", *base, *overrides]
     return [
         TORCHRUN,
         f"--nproc_per_node={nproc}",
         "--master_port",
         str(20000 + os.getpid() % 20000),
         "-m",
-        "trainer.train",
+        "trainer.cli.train",
         *base,
         *overrides,
     ]

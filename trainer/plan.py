@@ -7,7 +7,11 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+from .config import ConfigError, build, offline
+from .engine.precision import precision as precision_named
+from .models.autoencoder import Autoencoder
+from .models.text_encoders import ConditionEncoder
+from .models.unet import UNetModel
 
 
 def count(module: torch.nn.Module | None) -> dict[str, int]:
@@ -46,11 +50,12 @@ def flops_per_sample(unet, autoencoder, text_encoder, resolution: int) -> dict[s
         out["autoencoder_decode"] = _flops(
             lambda: autoencoder.decode(torch.randn(1, channels, latent, latent, device="meta"))
         )
-    if text_encoder is not None and hasattr(text_encoder, "tokenize"):
-        out["text_encoder_forward"] = _flops(
-            lambda: text_encoder(["a photograph of an astronaut riding a horse"])
-        )
-    text_cost = out.get("text_encoder_forward", 0) * (3 if getattr(text_encoder, "trainable", False) else 1)
+    if text_encoder is not None:
+        conds = text_encoder.null_conditions(1)  # padded to the context length: the same cost as any caption
+        out["text_encoder_forward"] = _flops(lambda: text_encoder(conds))
+    text_cost = out.get("text_encoder_forward", 0) * (
+        3 if text_encoder is not None and text_encoder.trainable else 1
+    )
     out["train_step_from_latents"] = out["unet_train"] + text_cost
     out["train_step_encoding_images"] = out["train_step_from_latents"] + out.get("autoencoder_encode", 0)
     return out
@@ -63,10 +68,9 @@ def zero_memory(trainable: int, frozen: int, world_size: int, precision: str) ->
     variance per parameter; fp32: 4 + 4 + 8. Frozen modules (VAE, frozen text encoder) are replicated, never
     sharded. Activations, buffers and the EMA copy are not included.
     """
-    if precision not in BYTES:
-        raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
-    p = g = BYTES[precision]
-    k = 8 if precision == "fp32" else 12
+    prec = precision_named(precision)
+    p = g = prec.dtype.itemsize
+    k = 12 if prec.mixed else 8
     n = world_size
     stages = {
         0: (p, g, k),
@@ -92,7 +96,7 @@ def zero_memory(trainable: int, frozen: int, world_size: int, precision: str) ->
 def build_plan(unet, autoencoder, text_encoder, resolution: int, world_size: int, precision: str) -> dict:
     """The JSON plan printed by ``ldm-info`` (and ``ldm-train dry_run=true``)."""
     if resolution % (autoencoder.config.downsampling * unet.config.downsampling if autoencoder else 1):
-        raise ValueError(
+        raise ConfigError(
             f"resolution {resolution} is not divisible by the autoencoder's f times the UNet's "
             f"downsampling ({autoencoder.config.downsampling} x {unet.config.downsampling})"
         )
@@ -108,3 +112,16 @@ def build_plan(unet, autoencoder, text_encoder, resolution: int, world_size: int
         "flops_per_sample": flops_per_sample(unet, autoencoder, text_encoder, resolution),
         "zero_model_states_per_rank_bytes": zero_memory(trainable, frozen, world_size, precision),
     }
+
+
+def plan_for(unet_node, ae_node, text_node, resolution: int, world_size: int, precision: str) -> dict:
+    """Build the modules on the meta device (no weights are loaded) and compute the plan."""
+    with torch.device("meta"):
+        unet = build(unet_node, "unet", UNetModel, attention="math")
+        ae = build(ae_node, "autoencoder", Autoencoder) if ae_node else None
+        te = build(offline(text_node), "text_encoder", ConditionEncoder) if text_node else None
+    if te is not None and unet.config.context_dim != te.context_dim:
+        raise ConfigError(
+            f"unet.context_dim={unet.config.context_dim} but the text encoder gives {te.context_dim}"
+        )
+    return build_plan(unet, ae, te, resolution, world_size, precision)

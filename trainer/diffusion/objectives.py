@@ -1,83 +1,75 @@
-"""The training objective as small swappable parts: what the model predicts (eps, v or x0), how timesteps are
-weighted (plain or min-SNR-gamma), offset noise, and conversions between parameterizations."""
+"""The diffusion process of a model (noise schedule, parameterization, loss weighting, offset noise) and the
+training objective built from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .schedules import NoiseSchedule, ScheduleConfig
-
-PREDICTIONS = ("eps", "v", "x0")
+from ..config import build, config_dict
+from .parameterizations import LossWeighting, Parameterization
+from .schedules import NoiseSchedule
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    prediction: str = "eps"  # eps | v | x0
-    loss_weighting: str = "plain"  # plain | min_snr
-    snr_gamma: float = 5.0
+    schedule: Any = field(
+        default_factory=lambda: {"_target_": "trainer.diffusion.schedules.ScaledLinearSchedule"}
+    )
+    parameterization: Any = field(
+        default_factory=lambda: {"_target_": "trainer.diffusion.parameterizations.EpsPrediction"}
+    )
+    weighting: Any = field(
+        default_factory=lambda: {"_target_": "trainer.diffusion.parameterizations.UniformWeighting"}
+    )
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise (brightness range)
-    cond_dropout: float = 0.0  # drop the condition to the null one with this probability (class labels)
 
 
-def target_for(
-    prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
-):
-    """What the model is trained to output."""
-    if prediction == "eps":
-        return noise
-    if prediction == "v":
-        return alpha * noise - sigma * x0
-    if prediction == "x0":
-        return x0
-    raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+class Diffusion:
+    """The built parts of a :class:`DiffusionConfig`."""
 
+    def __init__(self, config: DiffusionConfig | None = None):
+        self.config = config or DiffusionConfig()
+        self.schedule: NoiseSchedule = build(self.config.schedule, "diffusion.schedule", NoiseSchedule)
+        self.parameterization: Parameterization = build(
+            self.config.parameterization, "diffusion.parameterization", Parameterization
+        )
+        self.weighting: LossWeighting = build(self.config.weighting, "diffusion.weighting", LossWeighting)
 
-def to_x0_eps(prediction: str, out: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-    """(x0, eps) implied by a model output ``out`` at noisy input ``z``."""
-    if prediction == "eps":
-        return (z - sigma * out) / alpha, out
-    if prediction == "v":
-        return alpha * z - sigma * out, alpha * out + sigma * z
-    if prediction == "x0":
-        return out, (z - alpha * out) / sigma
-    raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    @classmethod
+    def from_node(cls, node: Any) -> Diffusion:
+        """From a config node or a plain dict (as stored in metadata files)."""
+        from omegaconf import OmegaConf
 
+        merged = OmegaConf.merge(OmegaConf.structured(DiffusionConfig), node)
+        return cls(OmegaConf.to_object(merged))
 
-def loss_weights(cfg: DiffusionConfig, snr: torch.Tensor) -> torch.Tensor:
-    """Per-sample weights on the MSE of the prediction. Min-SNR-gamma (Hang et al., 2023) is the
-    x0-space weight min(SNR, gamma) expressed for the chosen parameterization."""
-    if cfg.loss_weighting == "plain":
-        return torch.ones_like(snr)
-    if cfg.loss_weighting == "min_snr":
-        clipped = snr.clamp(max=cfg.snr_gamma)
-        if cfg.prediction == "eps":
-            return clipped / snr
-        if cfg.prediction == "v":
-            return clipped / (snr + 1)
-        return clipped
-    raise ValueError(f"diffusion.loss_weighting must be 'plain' or 'min_snr', got {cfg.loss_weighting!r}")
+    def to_dict(self) -> dict:
+        """The config with every part's fields (what metadata files store)."""
+        return {
+            "schedule": config_dict(self.schedule.config),
+            "parameterization": config_dict(self.parameterization.config),
+            "weighting": config_dict(self.weighting.config),
+            "offset_noise": self.config.offset_noise,
+        }
 
 
 class DiffusionObjective:
     """Sample t and noise, noise the latents, and score the model's prediction."""
 
-    def __init__(self, cfg: DiffusionConfig | None = None):
-        self.cfg = cfg or DiffusionConfig()
-        if self.cfg.prediction not in PREDICTIONS:
-            raise ValueError(
-                f"diffusion.prediction must be one of {PREDICTIONS}, got {self.cfg.prediction!r}"
-            )
-        self.schedule = NoiseSchedule(self.cfg.schedule)
+    def __init__(self, diffusion: Diffusion | None = None):
+        self.diffusion = diffusion or Diffusion()
+        self.schedule = self.diffusion.schedule
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        if self.cfg.offset_noise > 0:
+        offset_std = self.diffusion.config.offset_noise
+        if offset_std > 0:
             shape = (x0.shape[0], x0.shape[1], *([1] * (x0.ndim - 2)))
             offset = torch.randn(shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            noise = noise + self.cfg.offset_noise * offset
+            noise = noise + offset_std * offset
         return noise
 
     def sample_timesteps(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -102,7 +94,8 @@ class DiffusionObjective:
         z = alpha * x0 + sigma * noise
         inp = z if concat is None else torch.cat([z, concat.to(z.dtype)], dim=1)
         out = model_fn(inp, t)
-        target = target_for(self.cfg.prediction, x0, noise, alpha, sigma)
+        param = self.diffusion.parameterization
+        target = param.target(x0, noise, alpha, sigma)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=list(range(1, x0.ndim)))
-        weights = loss_weights(self.cfg, self.schedule.snr(t).float())
+        weights = self.diffusion.weighting(self.schedule.snr(t).float(), param)
         return (weights * per_sample).mean(), {"t": t, "per_sample": per_sample.detach()}

@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .objectives import to_x0_eps
+from .parameterizations import EpsPrediction, Parameterization
 from .schedules import NoiseSchedule
-
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 def randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -24,19 +22,28 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _leading(num_train: int, n: int, offset: int) -> np.ndarray:
+    return (np.arange(0, n) * (num_train // n)).round()[::-1].copy().astype(np.int64) + offset
+
+
+def _trailing(num_train: int, n: int, offset: int) -> np.ndarray:
+    return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
+
+
+def _linspace(num_train: int, n: int, offset: int) -> np.ndarray:
+    return np.linspace(0, num_train - 1, n).round()[::-1].copy().astype(np.int64)
+
+
+SPACINGS = {"leading": _leading, "trailing": _trailing, "linspace": _linspace}  # diffusers' timestep_spacing
+
+
 def spaced_timesteps(num_train: int, n: int, spacing: str, offset: int = 0) -> np.ndarray:
     """n inference timesteps, descending (diffusers' DDPM/DDIM rules)."""
     if n < 1 or n > num_train:
         raise ValueError(f"steps must be in 1..{num_train}, got {n}")
-    if spacing == "leading":
-        ts = (np.arange(0, n) * (num_train // n)).round()[::-1].copy().astype(np.int64) + offset
-    elif spacing == "trailing":
-        ts = np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1
-    elif spacing == "linspace":
-        ts = np.linspace(0, num_train - 1, n).round()[::-1].copy().astype(np.int64)
-    else:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    return ts
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {sorted(SPACINGS)}, got {spacing!r}")
+    return SPACINGS[spacing](num_train, n, offset)
 
 
 class Sampler:
@@ -44,8 +51,9 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps"):
-        self.schedule, self.prediction = schedule, prediction
+    def __init__(self, schedule: NoiseSchedule, parameterization: Parameterization | None = None):
+        self.schedule = schedule
+        self.parameterization = parameterization or EpsPrediction()
         self.abar = schedule.alphas_cumprod
         self.timesteps = torch.zeros(0, dtype=torch.long)
 
@@ -73,12 +81,12 @@ class DDPMSampler(Sampler):
     def __init__(
         self,
         schedule: NoiseSchedule,
-        prediction: str = "eps",
+        parameterization: Parameterization | None = None,
         spacing: str = "leading",
         steps_offset: int = 0,
         clip_sample: float = 0.0,
     ):
-        super().__init__(schedule, prediction)
+        super().__init__(schedule, parameterization)
         self.spacing, self.steps_offset, self.clip_sample = spacing, steps_offset, clip_sample
 
     def set_timesteps(self, n: int) -> None:
@@ -98,7 +106,7 @@ class DDPMSampler(Sampler):
         b_t, b_prev = 1 - a_t, 1 - a_prev
         cur_alpha = a_t / a_prev
         cur_beta = 1 - cur_alpha
-        x0, _ = to_x0_eps(self.prediction, out, x, a_t**0.5, b_t**0.5)
+        x0, _ = self.parameterization.to_x0_eps(out, x, a_t**0.5, b_t**0.5)
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         mean = (a_prev**0.5 * cur_beta) / b_t * x0 + cur_alpha**0.5 * b_prev / b_t * x
@@ -116,14 +124,14 @@ class DDIMSampler(Sampler):
     def __init__(
         self,
         schedule: NoiseSchedule,
-        prediction: str = "eps",
+        parameterization: Parameterization | None = None,
         eta: float = 0.0,
         spacing: str = "leading",
         steps_offset: int = 0,
         set_alpha_to_one: bool = True,
         clip_sample: float = 0.0,
     ):
-        super().__init__(schedule, prediction)
+        super().__init__(schedule, parameterization)
         self.eta, self.spacing, self.steps_offset, self.clip_sample = eta, spacing, steps_offset, clip_sample
         self.final_abar = torch.tensor(1.0) if set_alpha_to_one else self.abar[0]
         self.n = 0
@@ -140,7 +148,7 @@ class DDIMSampler(Sampler):
         a_t = self.abar[t]
         a_prev = self.abar[prev] if prev >= 0 else self.final_abar
         b_t = 1 - a_t
-        x0, eps = to_x0_eps(self.prediction, out, x, a_t**0.5, b_t**0.5)
+        x0, eps = self.parameterization.to_x0_eps(out, x, a_t**0.5, b_t**0.5)
         if self.clip_sample:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
@@ -157,9 +165,9 @@ class DPMSolverPP2M(Sampler):
 
     name = "dpmpp_2m"
 
-    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps"):
-        super().__init__(schedule, prediction)
-        if schedule.cfg.zero_terminal_snr:  # close to 0 without being 0, so the first sigma is finite
+    def __init__(self, schedule: NoiseSchedule, parameterization: Parameterization | None = None):
+        super().__init__(schedule, parameterization)
+        if schedule.config.zero_terminal_snr:  # close to 0 without being 0, so the first sigma is finite
             self.abar = self.abar.clone()
             self.abar[-1] = 2**-24
         self.sigmas = torch.zeros(0)
@@ -183,7 +191,7 @@ class DPMSolverPP2M(Sampler):
         i = int((self.timesteps == int(t)).nonzero()[0][0]) if self.index == 0 else self.index
         n = len(self.timesteps)
         alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
-        x0, _ = to_x0_eps(self.prediction, out, x, alpha_s, sigma_s)
+        x0, _ = self.parameterization.to_x0_eps(out, x, alpha_s, sigma_s)
         self.history = [*self.history[-1:], x0]
         x = x.float()
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
@@ -210,15 +218,15 @@ class DPMSolverPP2M(Sampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP2M}
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, prediction: str, **kw) -> Sampler:
-    """A sampler by name; ``kw`` are its options (eta, spacing, ...)."""
+def make_sampler(name: str, schedule: NoiseSchedule, parameterization: Parameterization, **kw) -> Sampler:
+    """A sampler by its command-line name; ``kw`` are its options (eta, spacing, ...)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     cls = SAMPLERS[name]
     import inspect
 
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "schedule", "prediction"}
-    return cls(schedule, prediction, **{k: v for k, v in kw.items() if k in allowed})
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "schedule", "parameterization"}
+    return cls(schedule, parameterization, **{k: v for k, v in kw.items() if k in allowed})
 
 
 def img2img_start(timesteps: torch.Tensor, strength: float) -> int:

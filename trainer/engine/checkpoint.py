@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from data_pipeline.atomic import atomic_json, atomic_save, atomic_write
 
 from . import distributed as dist_env
 from .rng import rng_state, set_rng_state
@@ -38,21 +39,6 @@ COMMITTED = "COMMITTED"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -107,23 +93,20 @@ class Checkpointer:
         dist_env.barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(folder), tag=name, save_latest=False)
-        _atomic_torch_save(
-            {"world_size": self.world, "loader": loader.state_dict(), "rng": rng_state(generators)},
-            folder / f"rank_{self.rank:05d}.pt",
-        )
+        rank_state = {"world_size": self.world, "loader": loader.state_dict(), "rng": rng_state(generators)}
+        atomic_save(folder / f"rank_{self.rank:05d}.pt", lambda tmp: torch.save(rank_state, tmp))
         if self.rank == 0:
             if ema is not None:
-                tmp = folder / ".ema.safetensors.tmp"
-                save_file(ema.state_dict(), str(tmp))
-                os.replace(tmp, folder / "ema.safetensors")
-            _atomic_write(folder / "trainer_state.json", json.dumps({**trainer_state, "tag": tag}, indent=1))
-            _atomic_write(folder / "config.yaml", config_yaml)
+                shadow = ema.state_dict()
+                atomic_save(folder / "ema.safetensors", lambda tmp: save_file(shadow, str(tmp)))
+            atomic_json(folder / "trainer_state.json", {**trainer_state, "tag": tag})
+            atomic_write(folder / "config.yaml", config_yaml)
         if pause_before_commit is not None:
             pause_before_commit()
         dist_env.barrier()  # every rank has written all its files
         if self.rank == 0:
-            _atomic_write(folder / COMMITTED, time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _atomic_write(self.dir / "latest", tag)
+            atomic_write(folder / COMMITTED, time.strftime("%Y-%m-%dT%H:%M:%S"))
+            atomic_write(self.dir / "latest", tag)
             self.rotate()
         dist_env.barrier()
         return folder
@@ -161,7 +144,7 @@ class Checkpointer:
             ema_file = folder / "ema.safetensors"
             shadow = load_file(str(ema_file)) if ema_file.is_file() and ema.is_main else {}
             if ema.is_main and shadow:
-                device = next(iter(engines.values())).device if ema.device != "cpu" else "cpu"
+                device = "cpu" if ema.on_cpu else next(iter(engines.values())).device
                 shadow = {k: v.to(device) for k, v in shadow.items()}
             ema.load_state_dict(shadow, int(state.get("ema_updates", 0)))
         if restore_data:

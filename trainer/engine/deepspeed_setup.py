@@ -1,21 +1,35 @@
-"""DeepSpeed around the trainable modules only: the config translated from ours, the optimizer (torch's AdamW
-for bit-exact resume, or DeepSpeed's fused/CPU Adam), the learning rate as a pure function of the step, and
-how a step with non-finite values is dropped."""
+"""DeepSpeed around the trainable modules only: the config translated from ours, the optimizer component's
+contribution, and how a step with non-finite values is dropped."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..train_config import DeepSpeedConfig, OptimConfig
+from ..schema import DeepSpeedConfig
+from .optim import Optimizer
+from .precision import Precision
 
 HUGE_CLIP = 1e12  # makes ZeRO compute the global grad norm (and skip non-finite steps) without clipping
 
 
-def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, precision: str, lr: float) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, recursively (a nested override keeps its siblings)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(out.get(key), dict) and isinstance(value, dict)
+            else value
+        )
+    return out
+
+
+def ds_config(
+    ds: DeepSpeedConfig, optim: Optimizer, micro_batch: int, precision: Precision, lr: float
+) -> dict:
     """The DeepSpeed config for one engine."""
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
@@ -28,49 +42,28 @@ def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, precisi
             "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
             "stage3_gather_16bit_weights_on_model_save": False,
         }
+    clip = optim.config.grad_clip
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.grad_accum,
-        "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else HUGE_CLIP,
+        "gradient_clipping": clip if clip > 0 else HUGE_CLIP,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": False},
+        **precision.ds_config(),
         "steps_per_print": 10**12,
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
+        **optim.ds_config(lr),
     }
-    if optim.name == "ds_adamw":
-        cfg["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-            },
-        }
-    elif optim.name != "adamw":
-        raise ValueError(f"optim.name must be 'adamw' or 'ds_adamw', got {optim.name!r}")
-    return {**cfg, **ds.extra}
-
-
-def lr_at(step: int, optim: OptimConfig, max_steps: int, base_lr: float | None = None) -> float:
-    """Linear warmup, then constant or cosine decay to ``min_lr_ratio * lr``."""
-    lr = optim.lr if base_lr is None else base_lr
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return lr
-    if optim.schedule == "cosine":
-        span = max(1, max_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
-        floor = optim.min_lr_ratio * lr
-        return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {optim.schedule!r}")
+    return deep_merge(cfg, dict(ds.extra))
 
 
 def make_engine(
-    module: nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, precision: str, lr: float
+    module: nn.Module,
+    ds: DeepSpeedConfig,
+    optim: Optimizer,
+    micro_batch: int,
+    precision: Precision,
+    lr: float,
 ):
     """deepspeed.initialize over ``module``'s trainable parameters."""
     import deepspeed
@@ -78,13 +71,10 @@ def make_engine(
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the engine would have no trainable parameter")
-    optimizer = None
-    if optim.name == "adamw":
-        optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        )
     cfg = ds_config(ds, optim, micro_batch, precision, lr)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params, config=cfg)
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optim.client(params, lr), model_parameters=params, config=cfg
+    )
     return engine
 
 

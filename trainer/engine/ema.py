@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 
-def full_fp32_params(module: nn.Module, zero_stage: int, precision: str):
+def full_fp32_params(module: nn.Module, zero_stage: int, mixed: bool):
     """Yield (name, full fp32 tensor) for the trainable parameters; a collective under ZeRO-3 or bf16."""
-    direct = precision == "fp32" and zero_stage < 3
+    direct = not mixed and zero_stage < 3
     if not direct:
         from deepspeed.utils import safe_get_full_fp32_param
     for name, p in module.named_parameters():
@@ -28,30 +28,30 @@ def full_fp32_params(module: nn.Module, zero_stage: int, precision: str):
 
 
 class EMA:
-    def __init__(self, decay: float, device: str, is_main: bool):
-        self.decay, self.device, self.is_main = decay, device, is_main
+    def __init__(self, decay: float, on_cpu: bool, is_main: bool):
+        self.decay, self.on_cpu, self.is_main = decay, on_cpu, is_main
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
 
     def _dev(self, t: torch.Tensor) -> torch.device:
-        return torch.device("cpu") if self.device == "cpu" else t.device
+        return torch.device("cpu") if self.on_cpu else t.device
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def initialize(self, module: nn.Module, zero_stage: int, precision: str) -> None:
+    def initialize(self, module: nn.Module, zero_stage: int, mixed: bool) -> None:
         """Start from the current weights (all ranks must call this together)."""
         self.shadow, self.updates = {}, 0
-        for name, value in full_fp32_params(module, zero_stage, precision):
+        for name, value in full_fp32_params(module, zero_stage, mixed):
             if self.is_main:
                 self.shadow[name] = value.to(self._dev(value)).clone()
 
     @torch.no_grad()
-    def update(self, module: nn.Module, zero_stage: int, precision: str) -> None:
+    def update(self, module: nn.Module, zero_stage: int, mixed: bool) -> None:
         """Fold the current weights in (all ranks must call this together)."""
         d = self.current_decay()
-        for name, value in full_fp32_params(module, zero_stage, precision):
+        for name, value in full_fp32_params(module, zero_stage, mixed):
             if not self.is_main:
                 continue
             self.shadow[name].lerp_(value.to(self.shadow[name].device), 1.0 - d)

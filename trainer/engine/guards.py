@@ -9,10 +9,13 @@ run folder (a launcher's cue to requeue). The marker is used rather than an exit
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 PREEMPTED_MARKER = "PREEMPTED"  # written by rank 0 into the run folder once the stop checkpoint is committed
@@ -58,3 +61,51 @@ def pause_forever(run_dir: Path, what: str) -> None:
     (Path(run_dir) / "PAUSED").write_text(what)
     while True:
         time.sleep(1)
+
+
+class InfGrad(torch.autograd.Function):
+    """Fault injection: identity forward, infinite gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class Faults:
+    """Fault injection and inspection for tests and drills (``faults.*``): never set in real runs."""
+
+    def __init__(self, cfg, run_dir: Path, rank: int, world_size: int):
+        self.cfg, self.run_dir, self.rank, self.world = cfg, Path(run_dir), rank, world_size
+        self.keys = open(self.run_dir / f"keys_rank{rank}.jsonl", "a", buffering=1) if cfg.log_keys else None
+
+    def perturb(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The step's loss, made NaN (on the last rank) or given infinite gradients where configured."""
+        if step in self.cfg.nan_loss_at and self.rank == self.world - 1:
+            loss = loss * float("nan")
+        if step in self.cfg.inf_grad_at:
+            loss = InfGrad.apply(loss)
+        return loss
+
+    def record_keys(self, step: int, batch: dict) -> None:
+        if self.keys is not None:
+            self.keys.write(
+                json.dumps({"step": step, "keys": batch["key"], "epoch": batch["epoch"].tolist()}) + "\n"
+            )
+
+    def pause_after_step(self, step: int) -> None:
+        if step == self.cfg.pause_at and self.rank == 0:
+            pause_forever(self.run_dir, f"step {step}")
+
+    def pause_in_save(self, step: int):
+        """A callable that pauses rank 0 before the save of ``step`` commits, or None."""
+        if step == self.cfg.pause_in_save_at and self.rank == 0:
+            return lambda: pause_forever(self.run_dir, f"save {step}")
+        return None
+
+    def close(self) -> None:
+        if self.keys is not None:
+            self.keys.close()

@@ -1,4 +1,5 @@
-"""Metrics to W&B (online, offline or disabled) and, always, to ``<run_dir>/metrics.jsonl`` on rank 0.
+"""Where metrics go (``logger._target_``): ``JsonlLogger`` writes ``<run_dir>/metrics.jsonl`` and PNGs;
+``WandbLogger`` does the same and logs to W&B (online, offline or disabled). Only rank 0 starts a logger.
 
 A run's W&B id is created once and kept in the checkpoint, so a resumed or requeued run continues the same
 W&B run. The config and the git commit are attached; the API key is never logged or written anywhere.
@@ -10,12 +11,14 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from ..train_config import LoggerConfig
+from data_pipeline.atomic import atomic_save
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -35,65 +38,118 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-class RunLogger:
-    """Rank 0 logs; other ranks hold a logger that does nothing."""
+@runtime_checkable
+class Logger(Protocol):
+    """What the training loop calls. Attributes: ``config`` (``log_every``, ``progress``)."""
 
-    def __init__(
-        self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict, enabled: bool, resumed: bool
-    ):
-        self.cfg, self.run_dir, self.run_id, self.enabled = cfg, Path(run_dir), run_id, enabled
-        self.wandb = None
+    def start(self, run_dir: Path, run_id: str, config: dict, resumed: bool) -> None: ...
+
+    def log(self, step: int, metrics: dict) -> None: ...
+
+    def event(self, name: str, **fields) -> None: ...
+
+    def image(self, step: int, key: str, image: Image.Image, caption: str = "") -> Path | None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class JsonlLoggerConfig:
+    _target_: str = "trainer.engine.loggers.JsonlLogger"
+    log_every: int = 10
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class WandbLoggerConfig(JsonlLoggerConfig):
+    _target_: str = "trainer.engine.loggers.WandbLogger"
+    project: str = "ldm"
+    entity: str = ""
+    mode: str = "offline"  # online | offline | disabled
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+class JsonlLogger:
+    """Metrics and events as JSON lines in ``<run_dir>/metrics.jsonl``; images as PNGs under ``samples/``.
+    Does nothing until :meth:`start` (ranks other than 0 never start theirs)."""
+
+    Config = JsonlLoggerConfig
+
+    def __init__(self, config: JsonlLoggerConfig | None = None):
+        self.config = config or JsonlLoggerConfig()
+        self.run_dir: Path | None = None
         self._jsonl = None
-        if not enabled:
-            return
+
+    def start(self, run_dir: Path, run_id: str, config: dict, resumed: bool) -> None:
+        self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg.kind == "wandb" and cfg.mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            safe_config = {k: v for k, v in config.items() if "key" not in k.lower()}
-            self.wandb = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity or None,
-                name=cfg.name or None,
-                mode=cfg.mode,
-                id=run_id,
-                resume="allow",
-                dir=str(self.run_dir),
-                config=safe_config,
-                tags=list(cfg.tags) or None,
-            )
-        elif cfg.kind not in ("wandb", "jsonl"):
-            raise ValueError(f"logger.kind must be 'wandb' or 'jsonl', got {cfg.kind!r}")
-        self.event(
-            "start" if not resumed else "resume", run_id=run_id, git_commit=config.get("git_commit", "")
-        )
+        self.event("resume" if resumed else "start", run_id=run_id, git_commit=config.get("git_commit", ""))
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        if self._jsonl is not None:
+            row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+            self._jsonl.write(json.dumps(row) + "\n")
+
+    def event(self, name: str, **fields) -> None:
+        """A one-off event (resume, rollback, preemption)."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+
+    def image(self, step: int, key: str, image: Image.Image, caption: str = "") -> Path | None:
+        """A PNG under ``<run_dir>/samples/``."""
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:08d}.png"
+        return atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+    def finish(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+class WandbLogger(JsonlLogger):
+    """The JSONL log, and the same metrics, events (in the run summary) and images in Weights & Biases."""
+
+    Config = WandbLoggerConfig
+
+    def __init__(self, config: WandbLoggerConfig | None = None):
+        super().__init__(config or WandbLoggerConfig())
+        self.wandb = None
+
+    def start(self, run_dir: Path, run_id: str, config: dict, resumed: bool) -> None:
+        import wandb
+
+        c = self.config
+        os.environ.setdefault("WANDB_SILENT", "true")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb.init(  # mode=disabled gives a run object whose calls do nothing
+            project=c.project,
+            entity=c.entity or None,
+            name=c.name or None,
+            mode=c.mode,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config={k: v for k, v in config.items() if "key" not in k.lower()},
+            tags=list(c.tags) or None,
+        )
+        super().start(run_dir, run_id, config, resumed)
+
+    def log(self, step: int, metrics: dict) -> None:
+        super().log(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
     def event(self, name: str, **fields) -> None:
-        """A one-off event (resume, rollback, preemption) in the JSONL log and W&B's summary."""
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+        super().event(name, **fields)
         if self.wandb is not None:
             self.wandb.summary[f"events/{name}"] = fields
 
     def image(self, step: int, key: str, image: Image.Image, caption: str = "") -> Path | None:
-        """A PNG under ``<run_dir>/samples/`` and, with W&B, a logged image."""
-        if not self.enabled:
-            return None
-        folder = self.run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{key.replace('/', '_')}_{step:08d}.png"
-        image.save(path)
+        path = super().image(step, key, image, caption)
         if self.wandb is not None:
             import wandb
 
@@ -101,10 +157,10 @@ class RunLogger:
         return path
 
     def finish(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        super().finish()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def _plain(v):

@@ -60,19 +60,18 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 def load_autoencoder(path: str | Path):
     """Our autoencoder export (autoencoder.safetensors + autoencoder.json) or a pipeline export."""
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from trainer.config import build
+    from trainer.models.autoencoder import Autoencoder
 
     path = Path(path)
     meta_file = path / "autoencoder.json" if (path / "autoencoder.json").is_file() else path / "pipeline.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} holds neither autoencoder.json nor pipeline.json")
     meta = json.loads(meta_file.read_text())
-    model = build(
-        OmegaConf.create(meta["config"] if "config" in meta else meta["autoencoder"]), "autoencoder"
-    )
+    node = meta["config"] if "config" in meta else meta["autoencoder"]
+    model = build(node, f"{meta_file}:autoencoder", Autoencoder)
     model.load_state_dict(load_file(str(path / "autoencoder.safetensors")), strict=True)
     return model.eval()
 

@@ -114,14 +114,21 @@ def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
+PIXEL_LOSSES = {"l1": torch.abs, "l2": torch.square}  # loss.pixel_loss, on (x - reconstruction)
+DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}  # loss.disc_loss
+
+
 class AutoencoderLoss(nn.Module):
     """Generator and discriminator objectives. Holds the discriminator and the learned log-variance;
     LPIPS is frozen and kept out of ``parameters()``' trainable set."""
 
     def __init__(self, cfg: AutoencoderLossConfig, image_channels: int = 3):
         super().__init__()
-        if cfg.pixel_loss not in ("l1", "l2") or cfg.disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"loss.pixel_loss must be l1|l2 and loss.disc_loss hinge|vanilla, got {cfg}")
+        if cfg.pixel_loss not in PIXEL_LOSSES or cfg.disc_loss not in DISC_LOSSES:
+            raise ValueError(
+                f"loss.pixel_loss must be one of {sorted(PIXEL_LOSSES)} and loss.disc_loss one of "
+                f"{sorted(DISC_LOSSES)}, got {cfg.pixel_loss!r}, {cfg.disc_loss!r}"
+            )
         self.cfg = cfg
         self.lpips = build_lpips(cfg) if cfg.perceptual_weight > 0 else None
         self.logvar = nn.Parameter(
@@ -134,7 +141,7 @@ class AutoencoderLoss(nn.Module):
 
     def reconstruction(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Negative log-likelihood of ``x`` under the decoder (pixel + perceptual), per-batch mean."""
-        pix = (x - rec).abs() if self.cfg.pixel_loss == "l1" else (x - rec).pow(2)
+        pix = PIXEL_LOSSES[self.cfg.pixel_loss](x - rec)
         per_pixel = pix
         logs = {"rec_loss": pix.mean().detach()}
         if self.lpips is not None:
@@ -215,7 +222,7 @@ class AutoencoderLoss(nn.Module):
         discriminator (a DeepSpeed engine in training; the module itself by default)."""
         disc = disc or self.discriminator
         real, fake = disc(x.detach()), disc(rec.detach())
-        d = hinge_d_loss(real, fake) if self.cfg.disc_loss == "hinge" else vanilla_d_loss(real, fake)
+        d = DISC_LOSSES[self.cfg.disc_loss](real, fake)
         loss = self.disc_factor(step) * d
         return loss, {
             "d_loss": d.detach(),

@@ -9,14 +9,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("sdpa", "xformers", "math")
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if not q.is_cuda:
+        raise RuntimeError("attention=xformers runs on CUDA devices only; use attention=sdpa on CPU")
+    import xformers.ops
+
+    out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+BACKENDS = {"sdpa": _sdpa, "math": _math, "xformers": _xformers}
 
 
 def check_backend(backend: str) -> None:
     """Fail at model build (not at the first step) on an unknown or unusable backend."""
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "xformers":
+        raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend in ("xformers",):
         try:
             import xformers.ops  # noqa: F401
         except ImportError as exc:
@@ -27,19 +46,9 @@ def dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
 ) -> torch.Tensor:
     """Attention over (batch, heads, tokens, head_dim) tensors; returns the same layout as ``q``."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "math":
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        return scores.float().softmax(dim=-1).to(v.dtype) @ v
-    if backend == "xformers":
-        if not q.is_cuda:
-            raise RuntimeError("attention=xformers runs on CUDA devices only; use attention=sdpa on CPU")
-        import xformers.ops
-
-        out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
-    raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    return BACKENDS[backend](q, k, v)
 
 
 class CrossAttention(nn.Module):

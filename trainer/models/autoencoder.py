@@ -241,7 +241,10 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class _Autoencoder(nn.Module):
+class Autoencoder(nn.Module):
+    """The encoder/decoder pair both regularizations share (``AutoencoderKL``, ``VQModel``)."""
+
+    Config = AutoencoderConfig
     double_z = True
 
     def __init__(self, config: AutoencoderConfig | None = None, **fields):
@@ -265,7 +268,7 @@ class _Autoencoder(nn.Module):
         return self.decoder.conv_out.weight
 
 
-class AutoencoderKL(_Autoencoder):
+class AutoencoderKL(Autoencoder):
     """KL-regularized autoencoder (Stable Diffusion's VAE)."""
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -286,7 +289,7 @@ class AutoencoderKL(_Autoencoder):
         return rec, {"kl": post.kl(), "posterior": post}
 
 
-class VQModel(_Autoencoder):
+class VQModel(Autoencoder):
     """VQ-regularized autoencoder. Diffusion runs on the continuous latents; the decoder quantizes them."""
 
     double_z = False

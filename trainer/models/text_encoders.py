@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,6 +24,35 @@ _TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
+
+
+LAYERS = {"penultimate": 1, "last": 0}  # text_encoder.layer: blocks skipped from the end
+
+
+@runtime_checkable
+class ConditionEncoder(Protocol):
+    """What the UNet stage and the pipeline call: raw conditions (captions, labels) -> tokens to attend to.
+    Attributes: ``config``, ``context_dim`` (token width), ``trainable`` (optimized with the UNet)."""
+
+    def forward(self, conditions: list) -> Conditioning: ...
+
+    def conditions(self, captions: list[str]) -> list:
+        """A batch's captions as this encoder's raw conditions."""
+        ...
+
+    def null_conditions(self, n: int, negative: str = "") -> list:
+        """The unconditional (or negative) condition, ``n`` times, for classifier-free guidance."""
+        ...
+
+
+class TextConditions:
+    """Captions are the conditions; the empty caption (or the negative prompt) is the null one."""
+
+    def conditions(self, captions: list[str]) -> list:
+        return list(captions)
+
+    def null_conditions(self, n: int, negative: str = "") -> list:
+        return [negative] * n
 
 
 @dataclass
@@ -40,7 +69,7 @@ class OpenCLIPConfig:
     pretrained: str = (
         ""  # an open_clip tag (laion2b_s32b_b79k) or a checkpoint file; "" = random init (tests only)
     )
-    layer: str = "penultimate"  # penultimate (SD 2.x) | last
+    layer: str = "penultimate"  # penultimate (SD 2.x) | last: the block whose output the UNet attends to
     trainable: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)  # register an architecture under model_name
 
@@ -78,8 +107,10 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd.get("state_dict", sd)
 
 
-class OpenCLIPTextEncoder(nn.Module):
+class OpenCLIPTextEncoder(TextConditions, nn.Module):
     """Frozen OpenCLIP text tower; ``tokens`` are the penultimate (or last) block's output through ``ln_final``."""
+
+    Config = OpenCLIPConfig
 
     def __init__(self, config: OpenCLIPConfig | None = None, **fields):
         super().__init__()
@@ -90,8 +121,8 @@ class OpenCLIPTextEncoder(nn.Module):
         fields.pop("_target_", None)
         cfg = config if config is not None else OpenCLIPConfig(**fields)
         self.config, self.trainable = cfg, cfg.trainable
-        if cfg.layer not in ("penultimate", "last"):
-            raise ValueError(f"text_encoder.layer must be 'penultimate' or 'last', got {cfg.layer!r}")
+        if cfg.layer not in LAYERS:
+            raise ValueError(f"text_encoder.layer must be one of {sorted(LAYERS)}, got {cfg.layer!r}")
         if cfg.model_config:
             _MODEL_CONFIGS[cfg.model_name] = dict(cfg.model_config)
         elif cfg.model_name == TINY_OPENCLIP:
@@ -135,7 +166,7 @@ class OpenCLIPTextEncoder(nn.Module):
         ids = self.tokenize(captions).to(t.token_embedding.weight.device)
         x = t.token_embedding(ids) + t.positional_embedding
         blocks = t.transformer.resblocks
-        stop = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
+        stop = len(blocks) - LAYERS[self.config.layer]
         for block in blocks[:stop]:
             x = block(x, attn_mask=t.attn_mask)
         tokens = t.ln_final(x)
@@ -148,8 +179,10 @@ class OpenCLIPTextEncoder(nn.Module):
         return Conditioning(tokens, pooled, ids != 0)
 
 
-class TransformerTextEncoder(nn.Module):
+class TransformerTextEncoder(TextConditions, nn.Module):
     """A bidirectional transformer over CLIP BPE tokens, trained with the UNet (LDM's BERT-style encoder)."""
+
+    Config = TransformerTextConfig
 
     def __init__(self, config: TransformerTextConfig | None = None, **fields):
         super().__init__()
@@ -192,6 +225,8 @@ class TransformerTextEncoder(nn.Module):
 class ClassEmbedder(nn.Module):
     """Class labels -> one token each; label ``num_classes`` (or -1) is the null class for guidance."""
 
+    Config = ClassEmbedderConfig
+
     def __init__(self, config: ClassEmbedderConfig | None = None, **fields):
         super().__init__()
         fields.pop("_target_", None)
@@ -200,6 +235,13 @@ class ClassEmbedder(nn.Module):
         self.embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)
         if not self.trainable:
             self.requires_grad_(False)
+
+    def conditions(self, captions: list[str]) -> list:
+        """Class labels written as the caption text (an empty caption is the null class)."""
+        return [int(c) if c.strip() else -1 for c in captions]
+
+    def null_conditions(self, n: int, negative: str = "") -> list:
+        return [-1] * n
 
     def forward(self, labels: torch.Tensor | list[int]) -> Conditioning:
         y = torch.as_tensor(labels, device=self.embedding.weight.device).long()

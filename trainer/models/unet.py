@@ -203,7 +203,9 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """``UNetModel(UNetConfig(...))`` or, from Hydra, ``UNetModel(**fields)``."""
+    """``UNetModel(UNetConfig(...))`` (``unet._target_: trainer.models.unet.UNetModel``)."""
+
+    Config = UNetConfig
 
     def __init__(self, config: UNetConfig | None = None, **fields):
         super().__init__()

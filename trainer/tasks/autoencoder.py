@@ -1,17 +1,29 @@
-"""The autoencoder stage: generator (autoencoder + the loss's learned log-variance) and patch discriminator,
-each in its own DeepSpeed engine with its own optimizer; the discriminator starts at ``loss.disc_start``."""
+"""The autoencoder stage (``task=autoencoder``): generator (autoencoder + the loss's learned log-variance) and
+patch discriminator, each in its own DeepSpeed engine with its own optimizer; the discriminator starts at
+``task.loss.disc_start``."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from ..engine.deepspeed_setup import make_engine
-from ..models.ae_loss import AutoencoderLoss
-from .common import InfGrad, images_to_model
+from ..config import ConfigError, build, to_dataclass
+from ..engine.deepspeed_setup import make_engine, set_lr
+from ..engine.deepspeed_setup import step as engine_step
+from ..models.ae_loss import AutoencoderLoss, AutoencoderLossConfig
+from ..models.autoencoder import Autoencoder
+from .base import TaskContext
+from .common import check_zero_stage, images_to_model, require_images
+
+
+@dataclass
+class AutoencoderTaskConfig:
+    _target_: str = "trainer.tasks.autoencoder.AutoencoderTask"
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    disc_lr: float = 0.0  # the discriminator's learning rate (0: the optimizer's)
 
 
 class Generator(nn.Module):
@@ -25,45 +37,63 @@ class Generator(nn.Module):
 
 
 class AutoencoderTask:
-    name = "autoencoder"
+    """Perceptual compression: reconstruction (pixel + LPIPS) + KL or VQ + patch-GAN."""
 
-    def __init__(self, cfg, models: dict, device: torch.device, rank: int, scale_factor: float):
-        if cfg.deepspeed.zero_stage > 2:
-            raise ValueError(
-                "deepspeed.zero_stage=3 is not supported for stage=autoencoder: the adaptive GAN "
-                "weight differentiates with respect to the decoder's last layer (use ZeRO 0-2)"
+    Config = AutoencoderTaskConfig
+
+    def __init__(self, config: AutoencoderTaskConfig | None = None):
+        self.config = config or AutoencoderTaskConfig()
+
+    def check(self, cfg) -> None:
+        check_zero_stage(cfg, highest=2)  # the adaptive GAN weight differentiates at the decoder's last layer
+        ae = to_dataclass(cfg.autoencoder, "autoencoder", Autoencoder)
+        if cfg.data.resolution % ae.downsampling:
+            raise ConfigError(
+                f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's "
+                f"downsampling f={ae.downsampling}"
             )
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.loss = AutoencoderLoss(cfg.loss, models["autoencoder"].config.in_channels)
+
+    def build_models(self, cfg) -> dict[str, nn.Module]:
+        return {"autoencoder": build(cfg.autoencoder, "autoencoder", Autoencoder)}
+
+    def setup(self, ctx: TaskContext, models: dict[str, nn.Module]) -> None:
+        cfg, device = ctx.cfg, ctx.device
+        require_images(ctx.data.batch_keys(), "autoencoder")
+        self.cfg, self.device, self.rank, self.world = cfg, device, ctx.rank, ctx.world_size
+        self.dtype = ctx.precision.dtype
+        self.loss = AutoencoderLoss(self.config.loss, models["autoencoder"].config.in_channels)
         if self.loss.lpips is not None:
             self.loss.lpips.to(device)
-        gen = Generator(models["autoencoder"], self.loss.logvar).to(
-            device
-        )  # channels-last applies to activations; DeepSpeed needs contiguous params
-        bs = cfg.data.batch_size
-        self.engine = make_engine(gen, cfg.deepspeed, cfg.optim, bs, cfg.precision, cfg.optim.lr)
-        disc_optim = replace(OmegaConf.to_object(cfg.optim), lr=cfg.optim.disc_lr or cfg.optim.lr)
-        self.disc = make_engine(
-            self.loss.discriminator.to(device), cfg.deepspeed, disc_optim, bs, cfg.precision, disc_optim.lr
-        )
+        gen = Generator(models["autoencoder"], self.loss.logvar).to(device)
+        bs, lr = cfg.data.batch_size, ctx.optim.config.lr
+        self.engine = make_engine(gen, cfg.deepspeed, ctx.optim, bs, ctx.precision, lr)
+        self.lr, self.disc_lr = lr, self.config.disc_lr or lr
+        disc = self.loss.discriminator.to(device)
+        self.disc = make_engine(disc, cfg.deepspeed, ctx.optim, bs, ctx.precision, self.disc_lr)
         self.fixed: torch.Tensor | None = None
         self._last_input: torch.Tensor | None = None
-        conv_out = self.engine.module.autoencoder.decoder.conv_out
-        conv_out.register_forward_pre_hook(self._keep_last_input)
+        self._logs: dict[str, torch.Tensor] = {}
+        self.disc_active = False
+        self.engine.module.autoencoder.decoder.conv_out.register_forward_pre_hook(self._keep_last_input)
 
     def _keep_last_input(self, module, args) -> None:
         self._last_input = args[0].detach()
 
-    @property
     def engines(self) -> dict:
         return {"model": self.engine, "disc": self.disc}
 
-    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {}
+
     def ema_module(self) -> nn.Module:
         return self.engine.module
 
-    def forward_backward(self, batch: dict, step: int, faults) -> torch.Tensor:
+    def set_lr_factor(self, factor: float) -> None:
+        """Both engines follow the schedule, each from its own base learning rate."""
+        set_lr(self.engine, self.lr * factor)
+        set_lr(self.disc, self.disc_lr * factor)
+
+    def forward_backward(self, batch: dict, step: int, perturb) -> torch.Tensor:
         x = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
         if self.fixed is None:
             self.fixed = x[:8].detach().clone()
@@ -73,21 +103,27 @@ class AutoencoderTask:
             conv = self.engine.module.autoencoder.decoder.conv_out
             d_weight = self.loss.adaptive_weight_at(x, conv, self._last_input)
         g_loss, logs = self.loss.generator_loss(x, rec, reg, step, d_weight=d_weight)
-        if step in faults.nan_loss_at and self.rank == torch.distributed.get_world_size() - 1:
-            g_loss = g_loss * float("nan")
-        if step in faults.inf_grad_at:
-            g_loss = InfGrad.apply(g_loss)
+        g_loss = perturb(g_loss, step)
         self.engine.backward(g_loss)
-        self.last_logs = {k: float(v) for k, v in logs.items() if v.numel() == 1}
+        self._logs = {k: v.detach() for k, v in logs.items() if v.numel() == 1}
         self.disc_active = self.loss.disc_factor(step) > 0
         if self.disc_active:
             d_loss, d_logs = self.loss.discriminator_loss(x, rec, step, disc=self.disc)
             self.disc.backward(d_loss)
-            self.last_logs.update({k: float(v) for k, v in d_logs.items()})
+            self._logs.update(d_logs)
         return g_loss.detach()
 
+    def optimizer_step(self) -> bool:
+        applied = engine_step(self.engine)
+        if self.disc_active:
+            engine_step(self.disc)
+        return applied
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {f"ae/{k}": v for k, v in self._logs.items()}
+
     @torch.no_grad()
-    def samples(self, log_cfg, seed: int = 0) -> tuple[torch.Tensor | None, str]:
+    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
         """Originals (top row) and their reconstructions (bottom row)."""
         if self.fixed is None:
             return None, ""
@@ -96,3 +132,11 @@ class AutoencoderTask:
         self.engine.module.train()
         both = torch.cat([self.fixed.float(), rec.float()]) / 2 + 0.5
         return both.clamp(0, 1), "top: inputs, bottom: reconstructions"
+
+    def save_frozen(self, folder: Path) -> None:
+        return None
+
+    def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
+        from ..inference.export import export_autoencoder
+
+        return export_autoencoder(checkpoint, out, ema)

@@ -1,17 +1,41 @@
-"""The UNet stage: latents from the frozen autoencoder (encoded on the fly from images, or read from latent
-shards), conditions from the text/class encoder, the diffusion objective on the UNet inside DeepSpeed."""
+"""The UNet stage (``task=unet``): latents from the frozen autoencoder (encoded on the fly from images, or read
+from latent shards), conditions from the text/class encoder, the diffusion objective on the UNet inside
+DeepSpeed."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
-import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from ..diffusion.objectives import DiffusionObjective
-from ..engine.deepspeed_setup import make_engine
-from ..models.text_encoders import ClassEmbedder
-from ..pipeline import GenerateOptions, LatentDiffusionPipeline
-from .common import InfGrad, images_to_model, random_masks
+from data_pipeline.atomic import atomic_json, atomic_save
+
+from ..config import ConfigError, build, config_dict, to_dataclass
+from ..diffusion.objectives import Diffusion, DiffusionObjective
+from ..engine.deepspeed_setup import make_engine, set_lr
+from ..engine.deepspeed_setup import step as engine_step
+from ..inference.pipeline import GenerateOptions, LatentDiffusionPipeline
+from ..models.autoencoder import Autoencoder
+from ..models.text_encoders import ConditionEncoder
+from ..models.unet import UNetModel
+from ..models.weights import load_autoencoder_weights, load_unet_weights
+from .base import TaskContext
+from .common import check_zero_stage, images_to_model
+from .concat import ConcatCondition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UNetTaskConfig:
+    _target_: str = "trainer.tasks.unet.UNetTask"
+    sample_posterior: bool = True  # learn posterior samples (LDM) rather than the posterior means
+    concat: Any = None  # extra input channels: trainer.tasks.concat.InpaintConcat | SuperResConcat
 
 
 class DiffusionModel(nn.Module):
@@ -23,136 +47,204 @@ class DiffusionModel(nn.Module):
         if text_encoder is not None:
             self.text_encoder = text_encoder
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor | None = None,
-        captions: list | None = None,
-    ) -> torch.Tensor:
-        if captions is not None:
-            context = self.text_encoder(captions).tokens
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context=None, conditions: list | None = None):
+        if conditions is not None:
+            context = self.text_encoder(conditions).tokens
         return self.unet(x, t, context.to(x.dtype))
 
 
 class UNetTask:
-    name = "unet"
+    """Denoising in the latent space of a frozen autoencoder, conditioned by cross-attention (and concat)."""
 
-    def __init__(self, cfg, models: dict, device: torch.device, rank: int, scale_factor: float):
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.autoencoder = models["autoencoder"].to(device).eval().requires_grad_(False)
-        self.text_encoder = models["text_encoder"].to(device)
-        self.train_text = bool(getattr(self.text_encoder, "trainable", False))
-        self.scale_factor = scale_factor
-        module = DiffusionModel(models["unet"], self.text_encoder if self.train_text else None).to(
-            device
-        )  # channels-last applies to activations; DeepSpeed needs contiguous params
-        self.engine = make_engine(
-            module, cfg.deepspeed, cfg.optim, cfg.data.batch_size, cfg.precision, cfg.optim.lr
+    Config = UNetTaskConfig
+
+    def __init__(self, config: UNetTaskConfig | None = None):
+        self.config = config or UNetTaskConfig()
+        self.concat: ConcatCondition | None = (
+            build(self.config.concat, "task.concat", ConcatCondition) if self.config.concat else None
         )
-        if cfg.precision == "bf16":
+
+    # -- before anything runs ----------------------------------------------------------------------------
+    def check(self, cfg) -> None:
+        check_zero_stage(cfg)
+        ae = to_dataclass(cfg.autoencoder, "autoencoder", Autoencoder)
+        if cfg.unet is None:
+            raise ConfigError("unet: the UNet stage needs a unet config (unet=...)")
+        unet = to_dataclass(cfg.unet, "unet", UNetModel)
+        total = ae.downsampling * unet.downsampling
+        if cfg.data.resolution % total:
+            raise ConfigError(
+                f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's f="
+                f"{ae.downsampling} times the UNet's downsampling {unet.downsampling} (= {total})"
+            )
+        extra = self.concat.channels(ae.embed_dim) if self.concat else 0
+        if unet.in_channels != ae.embed_dim + extra:
+            raise ConfigError(
+                f"unet.in_channels={unet.in_channels} but the autoencoder's latents have {ae.embed_dim} "
+                f"channels (+{extra} from task.concat)"
+            )
+        if cfg.text_encoder is None:
+            raise ConfigError("text_encoder: the UNet stage needs a condition encoder (text_encoder=...)")
+        to_dataclass(cfg.text_encoder, "text_encoder", ConditionEncoder)
+        w = cfg.weights
+        if not w.autoencoder and not w.allow_random_autoencoder:
+            raise ConfigError(
+                "weights.autoencoder is empty: the UNet stage needs trained autoencoder weights "
+                "(our export, an SD checkpoint or a diffusers folder)"
+            )
+        for key in ("autoencoder", "unet"):
+            path = getattr(w, key)
+            if path and not Path(path).exists():
+                raise ConfigError(f"weights.{key}: {path!r} does not exist")
+
+    def build_models(self, cfg) -> dict[str, nn.Module]:
+        autoencoder = build(cfg.autoencoder, "autoencoder", Autoencoder)
+        self.recorded_scale = autoencoder.config.scale_factor
+        if cfg.weights.autoencoder:
+            self.recorded_scale = (
+                load_autoencoder_weights(autoencoder, cfg.weights.autoencoder) or self.recorded_scale
+            )
+        else:
+            log.warning("weights.allow_random_autoencoder: training on a randomly initialised autoencoder")
+        text_encoder = build(cfg.text_encoder, "text_encoder", ConditionEncoder)
+        unet = build(cfg.unet, "unet", UNetModel)
+        if unet.config.context_dim != text_encoder.context_dim:
+            raise ConfigError(
+                f"unet.context_dim={unet.config.context_dim} but the text encoder gives "
+                f"{text_encoder.context_dim}-dim tokens"
+            )
+        if cfg.weights.unet:
+            load_unet_weights(unet, cfg.weights.unet)
+        return {"autoencoder": autoencoder, "text_encoder": text_encoder, "unet": unet}
+
+    # -- set up ------------------------------------------------------------------------------------------
+    def setup(self, ctx: TaskContext, models: dict[str, nn.Module]) -> None:
+        from ..models.weights import fingerprint
+
+        cfg, device = ctx.cfg, ctx.device
+        self.cfg, self.device, self.rank, self.world = cfg, device, ctx.rank, ctx.world_size
+        self.dtype = ctx.precision.dtype
+        missing = self.concat.needs() - ctx.data.batch_keys() if self.concat else set()
+        if missing:
+            raise ConfigError(
+                f"task.concat needs {sorted(missing)} in each batch: train it from image shards"
+            )
+        self.autoencoder = models["autoencoder"].to(device).eval().requires_grad_(False)
+        ctx.data.check_autoencoder(fingerprint(self.autoencoder))
+        self.scale_factor = ctx.data.scale_factor() or self.recorded_scale
+        self.stored_latents = "latent_mean" in ctx.data.batch_keys()
+        self.text_encoder = models["text_encoder"].to(device)
+        self.train_text = bool(self.text_encoder.trainable)
+        module = DiffusionModel(models["unet"], self.text_encoder if self.train_text else None).to(device)
+        self.lr = ctx.optim.config.lr
+        self.engine = make_engine(
+            module, cfg.deepspeed, ctx.optim, cfg.data.batch_size, ctx.precision, self.lr
+        )
+        if ctx.precision.mixed:
             self.autoencoder.to(self.dtype)
             if not self.train_text:
                 self.text_encoder.to(self.dtype)
-        self.objective = DiffusionObjective(cfg.diffusion)
-        self.generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+        self.diffusion = Diffusion.from_node(cfg.diffusion)
+        self.objective = DiffusionObjective(self.diffusion)
+        self._generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + ctx.rank)
 
-    @property
     def engines(self) -> dict:
         return {"model": self.engine}
 
-    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"task": self._generator}
+
     def ema_module(self) -> nn.Module:
         return self.engine.module
 
-    def conditions(self, batch: dict) -> list:
-        if isinstance(self.text_encoder, ClassEmbedder):  # class labels stored as the caption text
-            return [int(c) if c.strip() else -1 for c in batch["caption"]]
-        return list(batch["caption"])
+    # -- a step --------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> scaled latents (posterior means)."""
+        return self.autoencoder.encode_latents(images.to(self.dtype)).float() * self.scale_factor
 
-    def latents(self, batch: dict) -> torch.Tensor:
-        sample = self.cfg.posterior == "sample"
-        if "latent_mean" in batch:  # precomputed latent shards: a fresh posterior sample every time
+    def latents(self, batch: dict, images: torch.Tensor | None) -> torch.Tensor:
+        sample = self.config.sample_posterior
+        if self.stored_latents:  # precomputed latent shards: a fresh posterior sample every time
             mean = batch["latent_mean"].to(self.device, torch.float32)
             if not sample:
                 return mean * self.scale_factor
             std = batch["latent_std"].to(self.device, torch.float32)
-            noise = torch.randn(mean.shape, generator=self.generator, device=self.device)
+            noise = torch.randn(mean.shape, generator=self._generator, device=self.device)
             return (mean + std * noise) * self.scale_factor
-        images = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
         with torch.no_grad():
-            z = self.autoencoder.encode_latents(images, sample=sample, generator=self.generator)
+            z = self.autoencoder.encode_latents(images, sample=sample, generator=self._generator)
         return z.float() * self.scale_factor
 
-    def concat_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
-        kind = self.cfg.concat
-        if kind == "none":
-            return None
-        if "image" not in batch:
-            raise ValueError(f"concat={kind} needs images: train it from image shards (data.kind=images)")
-        images = images_to_model(batch["image"], self.device, self.dtype, False)
-        if (
-            kind == "inpaint"
-        ):  # mask (1 = repaint) and the latents of the masked image, as SD's inpainting model
-            masks = random_masks(images.shape[0], images.shape[-2:], self.generator, self.device)
-            with torch.no_grad():
-                masked = self.autoencoder.encode_latents(images * (masks < 0.5).to(images.dtype))
-            small = F.interpolate(masks, size=latents.shape[-2:], mode="nearest")
-            return torch.cat([small, masked.float() * self.scale_factor], dim=1)
-        if kind == "superres":  # the low-resolution image (1/f of the size), at latent resolution
-            low = F.interpolate(images.float(), size=latents.shape[-2:], mode="area")
-            return low
-        raise ValueError(f"concat must be none | inpaint | superres, got {kind!r}")
-
-    def forward_backward(self, batch: dict, step: int, faults) -> torch.Tensor:
-        """One micro-batch: loss, backward through the engine. Returns the (detached) loss."""
-        latents = self.latents(batch)
-        conds = self.conditions(batch)
+    def forward_backward(self, batch: dict, step: int, perturb) -> torch.Tensor:
+        images = None
+        if "image" in batch:
+            images = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
+        latents = self.latents(batch, images)
+        conds = self.text_encoder.conditions(batch["caption"])
         context = None
         if "text_tokens" in batch and not self.train_text:  # stored by ldm-precompute
             context = batch["text_tokens"].to(self.device, self.dtype)
         elif not self.train_text:
             with torch.no_grad():
                 context = self.text_encoder(conds).tokens.to(self.dtype)
+        concat = None
+        if self.concat is not None:
+            concat = self.concat.training_input(batch, images, latents, self.encode, self._generator)
 
         def model_fn(z, t):
             z = z.to(self.dtype)
             if self.cfg.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
-            return self.engine(z, t, context=context, captions=conds if self.train_text else None)
+            return self.engine(z, t, context=context, conditions=conds if self.train_text else None)
 
-        loss, _ = self.objective.loss(
-            model_fn, latents, self.generator, concat=self.concat_inputs(batch, latents)
-        )
-        if step in faults.nan_loss_at and self.rank == torch.distributed.get_world_size() - 1:
-            loss = loss * float("nan")
-        if step in faults.inf_grad_at:
-            loss = InfGrad.apply(loss)
+        loss, _ = self.objective.loss(model_fn, latents, self._generator, concat=concat)
+        loss = perturb(loss, step)
         self.engine.backward(loss)
         return loss.detach()
 
-    def pipeline(self) -> LatentDiffusionPipeline:
-        """The current (raw) weights as a pipeline, for sample grids."""
+    def set_lr_factor(self, factor: float) -> None:
+        set_lr(self.engine, self.lr * factor)
+
+    def optimizer_step(self) -> bool:
+        return engine_step(self.engine)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    # -- samples and frozen parts ----------------------------------------------------------------------------
+    def pipeline(self, unet: nn.Module | None = None) -> LatentDiffusionPipeline:
+        """The current (raw) weights, or ``unet``, as a pipeline."""
         return LatentDiffusionPipeline(
-            self.engine.module.unet,
+            unet or self.engine.module.unet,
             self.autoencoder,
             self.text_encoder,
-            self.cfg.diffusion,
+            self.diffusion,
             self.scale_factor,
-            self.cfg.concat,
+            self.concat,
         )
 
     @torch.no_grad()
-    def samples(self, log_cfg, seed: int = 0) -> tuple[torch.Tensor, str]:
-        """A grid of the fixed prompts (every rank runs it: ZeRO-3 forwards gather parameters)."""
+    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
+        if self.concat is not None:  # concat models need per-prompt inputs (masks, low-res images)
+            return None, ""
         self.engine.module.eval()
-        prompts = list(log_cfg.sample_prompts)
-        opts = GenerateOptions(
-            steps=log_cfg.sample_steps,
-            guidance=log_cfg.sample_guidance,
-            seeds=[seed + i for i in range(len(prompts))],
-        )
-        images = self.pipeline().generate(prompts, opts) if self.cfg.concat == "none" else None
+        opts = GenerateOptions(steps=steps, guidance=guidance, seeds=list(range(len(prompts))))
+        images = self.pipeline().generate(list(prompts), opts)
         self.engine.module.train()
         return images, " | ".join(prompts)
+
+    def save_frozen(self, folder: Path) -> None:
+        meta: dict[str, Any] = {"scale_factor": self.scale_factor}
+        frozen = {"autoencoder": self.autoencoder} | (
+            {} if self.train_text else {"text_encoder": self.text_encoder}
+        )
+        for name, module in frozen.items():
+            sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            atomic_save(folder / f"{name}.safetensors", lambda tmp, sd=sd: save_file(sd, str(tmp)))
+            meta[name] = config_dict(module.config)
+        atomic_json(folder / "frozen.json", meta)
+
+    def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
+        from ..inference.export import export_pipeline
+
+        return export_pipeline(checkpoint, out, ema, diffusers)

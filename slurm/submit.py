@@ -1,0 +1,207 @@
+"""Slurm launch (``ldm-submit``): render an sbatch script from the same config ldm-train / ldm-precompute use,
+and submit it.
+
+    ldm-submit train experiment=sd2_base_256 launcher.nodes=16 launcher.partition=gpu
+    ldm-submit train experiment=sd2_base_256 launcher.nodes=16 --dry-run     # print the script, submit nothing
+    ldm-submit precompute data.urls=... weights.autoencoder=... out=...
+    ldm-submit pipeline experiment=...        # precompute -> train from the latents, chained with afterok
+
+The config is composed exactly as the trainer would compose it, checked, resolved and written next to the run
+(``<run_dir>/slurm/<job>.yaml``); the job runs that file, so what runs is what was checked. The script is
+written beside it (``<job>.sbatch``) and can be resubmitted by hand. It runs the interpreter that rendered it
+(or ``launcher.python``), so an installed package works from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from trainer.config import ConfigError, compose
+from trainer.engine.guards import PREEMPTED_MARKER
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A kind of job ``ldm-submit`` renders."""
+
+    module: str  # the entry point the job runs (python -m ...)
+    schema: str  # its Hydra schema (the job config's first default)
+    template: str
+    describe: Callable[[DictConfig], str]
+    output: Callable[[DictConfig], str]  # the run folder (logs and job files go to <it>/slurm)
+    check: Callable[
+        [DictConfig, bool], object
+    ]  # (config, whether the data must exist now): raises ConfigError
+    exports: bool  # the script exports the final checkpoint (launcher.export_at_end)
+
+
+def _check_train(cfg: DictConfig, check_data: bool) -> None:
+    from trainer.train import prepare
+
+    prepare(cfg, load_models=False, check_data=check_data)
+
+
+JOBS = {
+    "train": Job("trainer.cli.train", "train_schema", "train.sbatch.j2",
+                 lambda c: f"ldm-train, task={c.task._target_.rsplit('.', 1)[-1]}", lambda c: c.run_dir,
+                 _check_train, exports=True),
+    "precompute": Job("trainer.cli.precompute", "precompute_schema", "precompute.sbatch.j2",
+                      lambda c: "ldm-precompute", lambda c: c.out, lambda c, d: None, exports=False),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one job step starts the ranks (``launcher.launch``)."""
+
+    stop_signal: str  # what the batch script forwards on preemption
+    tasks: Callable[[DictConfig], int]  # Slurm tasks per node
+    command: Callable[[DictConfig, str, str, int], str]  # (launcher, python, module args, tasks) -> command
+
+
+def _srun(launcher, py: str, args: str, tasks: int) -> str:
+    return f"srun --kill-on-bad-exit=1 --ntasks-per-node={tasks} {py} {args}"
+
+
+def _torchrun(launcher, py: str, args: str, tasks: int) -> str:
+    return (
+        f"srun --ntasks-per-node=1 {py} -m torch.distributed.run --nnodes=$SLURM_NNODES "
+        f"--nproc_per_node={max(1, launcher.gpus_per_node)} --rdzv_backend=c10d "
+        f"--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv_id=$SLURM_JOB_ID {args}"
+    )
+
+
+LAUNCHES = {
+    "srun": Launch("USR1", lambda L: L.tasks_per_node or max(1, L.gpus_per_node), _srun),  # one task per GPU
+    "torchrun": Launch("TERM", lambda L: 1, _torchrun),  # one torchrun per node, which signals its ranks
+}
+
+
+def compose_config(kind: str, overrides: list[str]) -> DictConfig:
+    """The config ``ldm-train`` (kind=train) or ``ldm-precompute`` would run with these overrides."""
+    return compose(kind, overrides)
+
+
+def python_of(launcher) -> str:
+    """The interpreter the job runs: ``launcher.python``, or the one rendering the script."""
+    return launcher.python or sys.executable
+
+
+def check_values(launcher, run_name: str) -> None:
+    """Refuse values that cannot be rendered safely into a script (newlines, control characters, bad names)."""
+    values = {f"launcher.{k}": v for k, v in OmegaConf.to_container(launcher, resolve=True).items()}
+    values["run_name"] = run_name
+    for key, value in values.items():
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
+            else [("", value)]
+        )
+        for sub, v in items:
+            if isinstance(v, str) and _CONTROL.search(v):
+                where = f"{key}.{sub}" if sub != "" else key
+                raise ConfigError(
+                    f"{where}={v!r}: newlines and control characters cannot go into an sbatch script"
+                )
+    for k in launcher.env:
+        if not _ENV_KEY.fullmatch(str(k)):
+            raise ConfigError(f"launcher.env: {k!r} is not a valid environment variable name")
+    if launcher.launch not in LAUNCHES:
+        raise ConfigError(f"launcher.launch must be one of {sorted(LAUNCHES)}, got {launcher.launch!r}")
+
+
+def job_config_yaml(cfg: DictConfig, job: Job, run_dir: Path) -> str:
+    """The resolved config as a Hydra primary config (schema first, per-rank Hydra output folders)."""
+    body = OmegaConf.to_yaml(cfg, resolve=True)
+    hydra = {"hydra": {"run": {"dir": f"{run_dir}/hydra/rank${{oc.env:RANK,${{oc.env:SLURM_PROCID,0}}}}"},
+                       "output_subdir": None, "job": {"chdir": False}}}  # fmt: skip
+    return f"defaults:\n  - {job.schema}\n  - _self_\n\n{body}\n{OmegaConf.to_yaml(OmegaConf.create(hydra))}"
+
+
+def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = True) -> tuple[Path, str]:
+    """The sbatch script for ``cfg``; with ``write``, also ``<folder>/<name>.yaml`` (the resolved config the job
+    runs) and ``<folder>/<name>.sbatch``. Returns the script's path and text."""
+    job, launcher = JOBS[kind], cfg.launcher
+    check_values(launcher, cfg.run_name)
+    launch = LAUNCHES[launcher.launch]
+    run_dir = Path(job.output(cfg)).resolve()
+    config_file = folder / f"{name}.yaml"
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(job_config_yaml(cfg, job, run_dir))
+    q = shlex.quote
+    py = q(python_of(launcher))
+    tasks = launch.tasks(launcher)
+    args = f"-m {job.module} --config-path {q(str(folder))} --config-name {q(name)}"
+    export = ""
+    if job.exports and launcher.export_at_end:
+        ckpts = q(str(Path(cfg.checkpoint.dir).resolve()))
+        export = f"{py} -m trainer.cli.export {ckpts} --out {q(str(run_dir / 'export'))}"
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True
+    )
+    env.filters["q"] = lambda v: q(str(v))
+    # environment values are expanded by the job's shell on the cluster ($HOME, $SLURM_JOB_ID, ...)
+    env.filters["dq"] = lambda v: '"' + re.sub(r'(["\\`])', r"\\\1", str(v)) + '"'
+    script_path = folder / f"{name}.sbatch"
+    text = env.get_template(job.template).render(
+        description=f"{job.describe(cfg)}: {launcher.nodes} node(s) x {tasks} task(s)",
+        L=launcher,
+        tasks_per_node=tasks,
+        config_file=config_file,
+        script_path=script_path,
+        log_dir=folder,
+        workdir=launcher.workdir or os.getcwd(),
+        run_name=cfg.run_name,
+        launch_command=launch.command(launcher, py, args, tasks),
+        stop_signal=launch.stop_signal,
+        preempted_marker=q(str(run_dir / PREEMPTED_MARKER)),
+        export_command=export,
+    )
+    if write:
+        script_path.write_text(text)
+        script_path.chmod(0o755)
+    return script_path, text
+
+
+def sbatch(script: Path, after: str | None = None) -> str:
+    cmd = ["sbatch", "--parsable"]
+    if after:
+        cmd += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
+    out = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch {script} failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def pipeline_configs(overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+    """The precompute config derived from the training config, and the training config reading its output."""
+    from data_pipeline.latents import LatentShardsConfig
+
+    train = compose_config("train", overrides)
+    out = str(Path(train.run_dir).resolve() / "latents")
+    pre = compose_config("precompute", [f"out={out}", f"run_name={train.run_name}-precompute"])
+    with open_dict(pre), open_dict(train):
+        pre.data = OmegaConf.merge(pre.data, train.data)
+        pre.autoencoder, pre.weights, pre.launcher = train.autoencoder, train.weights, train.launcher
+        pre.launcher.job_name = f"{train.launcher.job_name}-precompute"
+        shared = set(LatentShardsConfig.__dataclass_fields__) - {"_target_", "urls"}
+        train.data = {"_target_": LatentShardsConfig._target_, "urls": out,
+                      **{k: v for k, v in train.data.items() if k in shared}}  # fmt: skip
+    return pre, train

@@ -1,0 +1,1 @@
+"""Console entry points (``ldm-*``): thin shells over library functions the tests call directly."""

@@ -1,0 +1,52 @@
+"""Running a library function as a Hydra entry point: the packaged config tree, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from data_pipeline.atomic import StorageError
+from data_pipeline.errors import InputError
+
+from .. import schema  # noqa: F401  (registers the entry points' schemas with Hydra)
+from ..config import CONFIG_PATH
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` / ``--local_rank N`` the deepspeed launcher appends (Hydra would reject it),
+    keeping its value in ``LOCAL_RANK``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def run(fn: Callable[[DictConfig], int], config_name: str, prog: str) -> None:
+    """Compose ``config_name`` from the command line and exit with ``fn(cfg)``'s code; a ConfigError is one
+    line on stderr and exit code 2."""
+    code = 0
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        nonlocal code
+        try:
+            code = fn(cfg)
+        except (InputError, StorageError) as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            code = 2
+
+    sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]
+    _main()
+    sys.exit(code)
