@@ -7,6 +7,10 @@ class ShardNotFoundError(FileNotFoundError):
     """A shard pattern matched no file (or a listed shard is missing)."""
 
 
+class ShardUrlError(ValueError):
+    """A shard URL the pipeline refuses to open: ``pipe:`` without ``allow_pipe``, or a remote scheme."""
+
+
 class SampleError(Exception):
     """A sample that cannot be used; ``reason`` is one of :data:`REASONS`."""
 

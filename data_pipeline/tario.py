@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from webdataset.gopen import gopen_pipe
 from webdataset.tariterators import base_plus_ext
 
+from .urls import ShardUrl
+
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 
@@ -118,13 +120,18 @@ def iter_members(stream) -> Iterator[tuple[str, bytes]]:
 
 
 def _open(url: str):
-    if url.startswith("pipe:"):
-        return gopen_pipe(url, "rb")  # the caller checked data.allow_pipe
+    # Only a URL that expand_shards classified as a pipe (written by the user, allowed) runs a command;
+    # any other string is a file name, even one that starts with "pipe:".
+    if isinstance(url, ShardUrl) and url.kind == "pipe":
+        return gopen_pipe(str(url), "rb")
     return open(url, "rb", buffering=1 << 20)
 
 
 def iter_shard(url: str, errors: list[ShardError] | None = None, skip: int = 0) -> Iterator[RawSample]:
     """Yield the complete samples of one shard, in order.
+
+    ``url`` is a file path, or a :class:`ShardUrl` of kind ``pipe`` (from :func:`expand_shards` with
+    ``allow_pipe``) whose command's output is read; a plain string never runs a command.
 
     A shard cut short or with a garbled header ends early: the samples whose members were all read are
     yielded, the sample whose member was cut is dropped, and one :class:`ShardError` is appended to
