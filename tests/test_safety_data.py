@@ -3,25 +3,35 @@ bad ``ldm-data`` arguments are refused or counted, never run, never fatal, never
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import resource
 import shlex
+import struct
 import subprocess
 import sys
+import time
 import tracemalloc
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from shardmaker import image_bytes, write_tar
 
 from data_pipeline.config import DataConfig
+from data_pipeline.errors import SampleError
 from data_pipeline.loader import StreamingLoader
-from data_pipeline.samples import ImageLimits
-from data_pipeline.tario import iter_shard
+from data_pipeline.samples import ImageLimits, decode_rgb
+from data_pipeline.shards import from_folder
+from data_pipeline.tario import RawSample, iter_shard
 from data_pipeline.urls import ShardUrl, expand_shards
 from data_pipeline.validate import validate_shards
 
 CLI = [sys.executable, "-m", "data_pipeline.cli"]
+DEFAULT_PIL_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS as PIL ships it
 
 
 def run_cli(args: str | list, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -260,3 +270,90 @@ def test_streaming_loader_keeps_going_past_crafted_headers(crafted_dir):
     expected_keys = [k for case in sorted(CRAFTED) for k in CRAFTED[case][2]] + ["c0", "c1"]
     assert keys == expected_keys and len(keys) == valid
     assert counters["skipped"] == invalid and counters["valid"] == valid
+
+
+# -- item 12: PIL's decompression-bomb limit stays on for the whole process -----------------------------------
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A valid side x side 1-bit PNG of ~100 KB (about 2.7 GB once decoded to RGB), built by hand."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(bomb_png())
+    return path
+
+
+def test_importing_the_data_pipeline_keeps_pils_limit(bomb):
+    """In a fresh process: every data_pipeline module imported, PIL still refuses the bomb elsewhere."""
+    code = f"""
+import warnings
+from PIL import Image
+default = Image.MAX_IMAGE_PIXELS
+import data_pipeline.cli, data_pipeline.loader, data_pipeline.latents, data_pipeline.samples
+import data_pipeline.shards, data_pipeline.synthetic, data_pipeline.validate
+assert Image.MAX_IMAGE_PIXELS == default == {DEFAULT_PIL_LIMIT}, Image.MAX_IMAGE_PIXELS
+assert not [f for f in warnings.filters if f[2] is Image.DecompressionBombWarning], warnings.filters
+try:
+    Image.open({str(bomb)!r})
+except Image.DecompressionBombError:
+    print("refused")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "refused"
+
+
+def test_our_decode_path_refuses_the_bomb_fast(bomb, tmp_path):
+    raw = RawSample("bomb", "shard.tar", {"png": bomb.read_bytes(), "txt": b"a bomb"})
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for target in (0, 64):
+        with pytest.raises(SampleError) as err:
+            decode_rgb(raw, ImageLimits(), target)
+        assert err.value.reason == "too_many_pixels" and "30000x30000" in str(err.value)
+    assert time.perf_counter() - t0 < 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200_000  # KiB: nothing was decoded
+    # through a shard and through from-folder: counted as too_many_pixels
+    write_tar(
+        tmp_path / "s.tar", [("bomb.png", raw.files["png"]), ("bomb.txt", b"a bomb"), *good_members("g", 1)]
+    )
+    report = validate_shards([str(tmp_path / "s.tar")], progress=False)
+    assert (report["valid"], report["invalid"]) == (1, {"too_many_pixels": 1})
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(raw.files["png"])
+    (src / "bomb.txt").write_text("a bomb")
+    (src / "ok.jpg").write_bytes(image_bytes(32, 32))
+    (src / "ok.txt").write_text("fine")
+    summary = from_folder(str(src), str(tmp_path / "out"), workers=1, progress=False)
+    assert summary["samples"] == 1 and summary["skipped"] == {"too_many_pixels": 1}
+
+
+def test_our_limit_decides_in_our_path_and_pils_stays_for_other_formats(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a process that lowered PIL's limit
+    png = RawSample("k", "s.tar", {"png": image_bytes(64, 48, 1, "PNG")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pixels, size = decode_rgb(png, ImageLimits(max_pixels=10_000))  # ours allows 3072 px
+    assert pixels.shape == (3, 48, 64) and size == (48, 64)
+    with pytest.raises(SampleError, match="too_many_pixels"):
+        decode_rgb(png, ImageLimits(max_pixels=3000))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="GIF")  # a format we do not sniff: PIL's limit applies too
+    gif = RawSample("k", "s.tar", {"png": buf.getvalue()})
+    with pytest.raises(SampleError) as err:
+        decode_rgb(gif, ImageLimits(max_pixels=10_000))
+    assert err.value.reason == "too_many_pixels"  # not undecodable_image
+    assert Image.MAX_IMAGE_PIXELS == 1000
