@@ -11,6 +11,10 @@ class ShardUrlError(ValueError):
     """A shard URL the pipeline refuses to open: ``pipe:`` without ``allow_pipe``, or a remote scheme."""
 
 
+class NoValidSampleError(ValueError):
+    """A source in which no sample passed the checks; nothing was written."""
+
+
 class SampleError(Exception):
     """A sample that cannot be used; ``reason`` is one of :data:`REASONS`."""
 

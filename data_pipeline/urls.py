@@ -62,7 +62,7 @@ def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[S
                 if not allow_pipe:
                     raise ShardUrlError(
                         f"refusing shard URL {url!r}: pipe: URLs run shell commands; "
-                        "set data.allow_pipe=true (ldm-data: --allow-pipe) if you trust the config"
+                        "allow them with data.allow_pipe=true (ldm-data: --allow-pipe) if you trust the source"
                     )
                 out.append(ShardUrl(url, "pipe"))
                 continue

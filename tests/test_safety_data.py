@@ -22,7 +22,7 @@ from PIL import Image
 from shardmaker import image_bytes, write_tar
 
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import SampleError
+from data_pipeline.errors import NoValidSampleError, SampleError
 from data_pipeline.loader import StreamingLoader
 from data_pipeline.samples import ImageLimits, decode_rgb
 from data_pipeline.shards import from_folder
@@ -61,7 +61,7 @@ def epoch_zero(loader: StreamingLoader) -> tuple[list[str], dict]:
     raise AssertionError("unreachable: the loader is endless")
 
 
-# -- item 3: a file named "pipe:..." is a file ----------------------------------------------------------------
+# -- item 3: a file named "pipe:..." is a file ---------------------------------------------------------------
 
 PIPE_NAME = "pipe:touch PWNED #.tar"
 
@@ -145,7 +145,7 @@ def test_pipe_urls_the_user_wrote_still_work_when_allowed(synth_shards, tmp_path
         ShardUrl("data/a.tar", "pipe")
 
 
-# -- item 9: crafted tar headers are corrupt shards, not crashes -------------------------------------------------
+# -- item 9: crafted tar headers are corrupt shards, not crashes ---------------------------------------------
 
 
 def tar_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
@@ -272,7 +272,7 @@ def test_streaming_loader_keeps_going_past_crafted_headers(crafted_dir):
     assert counters["skipped"] == invalid and counters["valid"] == valid
 
 
-# -- item 12: PIL's decompression-bomb limit stays on for the whole process -----------------------------------
+# -- item 12: PIL's decompression-bomb limit stays on for the whole process ----------------------------------
 
 
 def bomb_png(side: int = 30000) -> bytes:
@@ -357,3 +357,136 @@ def test_our_limit_decides_in_our_path_and_pils_stays_for_other_formats(monkeypa
         decode_rgb(gif, ImageLimits(max_pixels=10_000))
     assert err.value.reason == "too_many_pixels"  # not undecodable_image
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+# -- item 14: ldm-data refuses bad numbers and bad sources in one line, before any work ---------------------
+
+BAD_NUMBERS = [
+    ("synth --out {out} --num -5", "--num", "must be >= 1, got -5"),
+    ("synth --out {out} --num 10 --shard-size 0", "--shard-size", "must be >= 1, got 0"),
+    ("synth --out {out} --num 10 --size 8", "--size", "must be >= 16, got 8"),
+    ("synth --out {out} --num 10 --seed -1", "--seed", "must be >= 0, got -1"),
+    ("synth --out {out} --num 10 --workers -2", "--workers", "must be >= 1, got -2"),
+    ("synth --out {out} --num ten", "--num", "expected an integer >= 1, got 'ten'"),
+    ("from-folder {src} --out {out} --shard-size 0", "--shard-size", "must be >= 1, got 0"),
+    ("from-folder {src} --out {out} --workers 0", "--workers", "must be >= 1, got 0"),
+    ("from-folder {src} --out {out} --min-size -1", "--min-size", "must be >= 0, got -1"),
+    ("from-folder {src} --out {out} --max-pixels -1", "--max-pixels", "must be >= 0 (0: no limit), got -1"),
+    ("validate {src} --workers 0", "--workers", "must be >= 1, got 0"),
+    ("validate {src} --min-size -16", "--min-size", "must be >= 0, got -16"),
+    ("stream {src} --batch-size 0", "--batch-size", "must be >= 1, got 0"),
+    ("stream {src} --resolution 0", "--resolution", "must be >= 1, got 0"),
+    ("stream {src} --workers -1", "--workers", "must be >= 0 (0: load in the main process), got -1"),
+    ("stream {src} --batches 0", "--batches", "must be >= 1, got 0"),
+    ("stream {src} --shuffle-buffer 0", "--shuffle-buffer", "must be >= 1 (1: no shuffling), got 0"),
+    ("stream {src} --epoch-samples -1", "--epoch-samples", "must be >= 0, got -1"),
+    ("stream {src} --resampled", "--epoch-samples", "--resampled needs it >= 1, got 0"),
+]
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(image_bytes(32, 32))
+    (src / "a.txt").write_text("a caption")
+    return src
+
+
+@pytest.mark.parametrize(
+    "args,flag,message", BAD_NUMBERS, ids=[a.split(" {")[0] + " " + f for a, f, _ in BAD_NUMBERS]
+)
+def test_bad_numbers_are_refused_before_any_work(args, flag, message, image_folder, tmp_path, capsys):
+    from data_pipeline.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(shlex.split(args.format(src=image_folder, out=out)))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"ldm-data {args.split()[0]}: error: argument {flag}: {message}"]
+    assert not out.exists()
+
+
+def test_bad_number_in_a_subprocess_is_one_line_and_writes_nothing(tmp_path):
+    out = run_cli(f"synth --out {tmp_path / 'out'} --num -5")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["ldm-data synth: error: argument --num: must be >= 1, got -5"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            "validate pipe:ls",
+            "ldm-data: refusing shard URL 'pipe:ls': pipe: URLs run shell commands; allow them",
+        ),
+        ("validate http://x/y.tar", "ldm-data: unsupported shard URL 'http://x/y.tar': use a local path"),
+    ],
+    ids=["pipe-without-allow-pipe", "remote-url"],
+)
+def test_refused_urls_are_one_line_without_traceback(args, message, tmp_path):
+    out = run_cli(args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(message), out.stderr
+    assert out.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", ["stream pipe:ls", "stream http://x/y.tar", "validate {missing}"])
+def test_refused_sources_in_process(args, tmp_path, capsys):
+    from data_pipeline.cli import main
+
+    assert main(shlex.split(args.format(missing=tmp_path / "no-{0..3}.tar"))) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("ldm-data: ")
+
+
+def test_from_folder_without_a_valid_image_writes_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"not a jpeg at all")
+    (src / "a.txt").write_text("a caption")
+    (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing else")
+    (src / "notes.md").write_text("not an image")
+    out = tmp_path / "made" / "out"
+    res = run_cli(["from-folder", src, "--out", out, "--workers", "1"])
+    assert res.returncode == 2
+    last = res.stderr.splitlines()[-1]  # (after the progress bar)
+    assert last.startswith(f"ldm-data: no usable image under {str(src)!r}: all 2 skipped")
+    assert "undecodable_image" in last and "Traceback" not in res.stderr
+    assert not (tmp_path / "made").exists()  # no shard, no dataset.json, no empty folders
+    (src / "a.jpg").unlink()
+    (src / "b.png").unlink()
+    res = run_cli(["from-folder", src, "--out", out])  # no image file at all
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"ldm-data: no images (jpg, jpeg, png, webp) found under {str(src)!r}"
+    ]
+    assert not (tmp_path / "made").exists()
+
+
+def test_from_folder_keeps_an_empty_shard_between_good_ones(tmp_path):
+    """A chunk of only bad images still gets its (empty) shard when others hold samples, as before."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in (
+        ("a.jpg", image_bytes(32, 32)),
+        ("b.jpg", b"broken"),
+        ("c.jpg", image_bytes(32, 32, 1)),
+    ):
+        (src / name).write_bytes(data)
+        (src / name).with_suffix(".txt").write_text(f"caption {name}")
+    summary = from_folder(str(src), str(tmp_path / "out"), shard_size=1, workers=1, progress=False)
+    assert summary["per_shard"] == {"shard-000000.tar": 1, "shard-000001.tar": 0, "shard-000002.tar": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "dataset.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
+    assert list(iter_shard(str(tmp_path / "out" / "shard-000001.tar"))) == []
+    (src / "a.jpg").write_bytes(b"broken too")
+    (src / "c.jpg").unlink()
+    with pytest.raises(NoValidSampleError, match=r"all 2 skipped \({'undecodable_image': 2}\)"):
+        from_folder(str(src), str(tmp_path / "o2"), shard_size=1, workers=1, progress=False)
+    assert not (tmp_path / "o2").exists()
