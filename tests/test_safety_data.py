@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import resource
 import shlex
@@ -31,13 +32,15 @@ from data_pipeline.urls import ShardUrl, expand_shards
 from data_pipeline.validate import validate_shards
 
 CLI = [sys.executable, "-m", "data_pipeline.cli"]
+# subprocesses import this checkout's data_pipeline whatever their working directory
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
 DEFAULT_PIL_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS as PIL ships it
 
 
 def run_cli(args: str | list, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``ldm-data ARGS`` in a subprocess (a string is split like a shell command line)."""
     argv = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
 
 
 def good_members(prefix: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
@@ -310,7 +313,7 @@ try:
 except Image.DecompressionBombError:
     print("refused")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "refused"
 
