@@ -4,6 +4,9 @@ ldm-data synth --out DIR --num N --shard-size K --size 64 --seed S [--split trai
 ldm-data from-folder SRC --out DIR [--captions list.csv|.parquet] [--shard-size K] [--workers W]
 ldm-data validate URLS... [--json]
 ldm-data stream URLS... [--resolution R --batch-size B --workers W --batches N]
+
+Bad arguments are refused before any work, with exit code 2 and one line naming the flag and value; so
+are shard URLs it will not open and sources with no usable image.
 """
 
 from __future__ import annotations
@@ -13,10 +16,39 @@ import json
 import logging
 import sys
 import time
+from typing import NoReturn
 
-from .errors import ShardNotFoundError
+from .errors import NoValidSampleError, ShardUrlError
 from .samples import DEFAULT_MAX_PIXELS, ImageLimits
 from .urls import expand_shards
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``ldm-data CMD: error: ...``, exit code 2), without the usage
+    block; ``-h`` shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int, meaning: str = ""):
+    """An argparse type: an integer >= ``low`` (``meaning``: what ``low`` itself means, if special)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+COUNT = _int_at_least(0)
+LIMIT = _int_at_least(0, " (0: no limit)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -82,7 +114,11 @@ def _stream(args: argparse.Namespace) -> int:
         resampled=args.resampled,
         epoch_samples=args.epoch_samples,
     )
-    loader = ImageShards(cfg).loader(0, 1)
+    try:
+        loader = ImageShards(cfg).loader(0, 1)
+    except ValueError as exc:  # shards that cannot feed the workers, refused URLs: one line, no traceback
+        print(f"ldm-data: {exc}", file=sys.stderr)
+        return 2
     it = iter(loader)
     next(it)  # start-up (worker spawn, first block) is not throughput
     t0, n = time.perf_counter(), 0
@@ -98,62 +134,69 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ldm-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = _Parser(prog="ldm-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="write the synthetic captioned-shapes data set")
     s.add_argument("--out", required=True)
-    s.add_argument("--num", type=int, required=True)
-    s.add_argument("--shard-size", type=int, default=1000)
-    s.add_argument("--size", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num", type=POSITIVE, required=True)
+    s.add_argument("--shard-size", type=POSITIVE, default=1000)
+    s.add_argument("--size", type=_int_at_least(16), default=64)
+    s.add_argument("--seed", type=COUNT, default=0)
     s.add_argument("--split", default="train", choices=["train", "heldout", "all"])
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=POSITIVE, default=1)
     s.set_defaults(fn=_synth)
 
     f = sub.add_parser("from-folder", help="pack an image folder (name.jpg + name.txt) or a CSV/parquet list")
     f.add_argument("src")
     f.add_argument("--out", required=True)
     f.add_argument("--captions", help="CSV or parquet with path and caption columns (paths relative to SRC)")
-    f.add_argument("--shard-size", type=int, default=1000)
-    f.add_argument("--workers", type=int, default=4)
+    f.add_argument("--shard-size", type=POSITIVE, default=1000)
+    f.add_argument("--workers", type=POSITIVE, default=4)
     f.add_argument("--prefix", default="shard")
-    f.add_argument("--min-size", type=int, default=0)
-    f.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    f.add_argument("--min-size", type=COUNT, default=0)
+    f.add_argument("--max-pixels", type=LIMIT, default=DEFAULT_MAX_PIXELS)
     f.set_defaults(fn=_from_folder)
 
     v = sub.add_parser("validate", help="read every sample and count invalid ones by reason")
     v.add_argument("urls", nargs="+", help="shard paths, brace patterns, globs or folders")
     v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    v.add_argument("--min-size", type=int, default=16, help="shorter side below this is 'too_small'")
-    v.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    v.add_argument("--min-size", type=COUNT, default=16, help="shorter side below this is 'too_small'")
+    v.add_argument("--max-pixels", type=LIMIT, default=DEFAULT_MAX_PIXELS)
     v.add_argument("--caption-key", default="txt")
-    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--workers", type=POSITIVE, default=1)
     v.add_argument("--allow-pipe", action="store_true")
     v.set_defaults(fn=_validate)
 
     t = sub.add_parser("stream", help="stream batches through the training loader and print throughput")
     t.add_argument("urls", nargs="+")
-    t.add_argument("--resolution", type=int, default=64)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--workers", type=int, default=2)
-    t.add_argument("--batches", type=int, default=50)
-    t.add_argument("--shuffle-buffer", type=int, default=1000)
-    t.add_argument("--resampled", action="store_true")
-    t.add_argument("--epoch-samples", type=int, default=0)
+    t.add_argument("--resolution", type=POSITIVE, default=64)
+    t.add_argument("--batch-size", type=POSITIVE, default=32)
+    t.add_argument("--workers", type=_int_at_least(0, " (0: load in the main process)"), default=2)
+    t.add_argument("--batches", type=POSITIVE, default=50)
+    t.add_argument("--shuffle-buffer", type=_int_at_least(1, " (1: no shuffling)"), default=1000)
+    t.add_argument("--resampled", action="store_true", help="needs --epoch-samples")
+    t.add_argument("--epoch-samples", type=COUNT, default=0)
     t.add_argument("--allow-pipe", action="store_true")
     t.set_defaults(fn=_stream)
+    for sp in (s, f, v, t):
+        sp.set_defaults(parser=sp)
     return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuse combinations of flags that no single flag's type can check."""
+    if args.cmd == "stream" and args.resampled and args.epoch_samples < 1:
+        args.parser.error(f"argument --epoch-samples: --resampled needs it >= 1, got {args.epoch_samples}")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _check(args)
     try:
         return args.fn(args)
-    except ShardNotFoundError as exc:
+    except (FileNotFoundError, ShardUrlError, NoValidSampleError) as exc:  # ShardNotFoundError included
         print(f"ldm-data: {exc}", file=sys.stderr)
         return 2
 

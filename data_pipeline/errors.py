@@ -12,6 +12,14 @@ class ShardNotFoundError(FileNotFoundError):
     """A shard pattern matched no file (or a listed shard is missing)."""
 
 
+class ShardUrlError(ValueError):
+    """A shard URL the pipeline refuses to open: ``pipe:`` without ``allow_pipe``, or a remote scheme."""
+
+
+class NoValidSampleError(ValueError):
+    """A source in which no sample passed the checks; nothing was written."""
+
+
 class SampleError(Exception):
     """A sample that cannot be used; ``reason`` is one of :data:`REASONS`."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import SampleError
@@ -19,9 +19,8 @@ from .tario import RawSample
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
-# We enforce our own pixel limit before decoding; PIL's warning would only add noise.
-Image.MAX_IMAGE_PIXELS = None
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# PIL's process-wide decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is never changed here: everything
+# else in the process that opens images keeps it. Our own limit is checked on the header, before decoding.
 # Sample bytes are read-only; torch only reads them.
 warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; we pin 0.29 and use decode_jpeg because
@@ -50,11 +49,30 @@ def image_bytes(sample: RawSample) -> bytes:
     raise SampleError("missing_image", f"{sample.url}:{sample.key} has no image ({', '.join(IMAGE_EXTS)})")
 
 
+def _open_header(data: bytes) -> Image.Image:
+    """Parse, without decoding, an image's header.
+
+    JPEG, PNG and WebP (known by their signature) are opened by their PIL plugin directly: ``Image.open``
+    would also apply PIL's process-wide limit, where ours, checked next, is the one that must decide. Any
+    other format goes through ``Image.open`` and keeps PIL's limit as well as ours.
+    """
+    fp = io.BytesIO(data)
+    if data[:3] == b"\xff\xd8\xff":
+        return JpegImagePlugin.JpegImageFile(fp)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return PngImagePlugin.PngImageFile(fp)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return WebPImagePlugin.WebPImageFile(fp)
+    return Image.open(fp)
+
+
 def open_image(sample: RawSample, limits: ImageLimits) -> Image.Image:
     """Open (header only, not yet decoded) the sample's image and check its size against ``limits``."""
     data = image_bytes(sample)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open_header(data)
+    except Image.DecompressionBombError as exc:  # a format we do not sniff, past PIL's own hard limit
+        raise SampleError("too_many_pixels", f"{sample.url}:{sample.key}: {exc}") from None
     except Exception as exc:  # PIL raises many types for garbage input
         raise SampleError("undecodable_image", f"{sample.url}:{sample.key}: {exc}") from None
     check_size(sample, *img.size, limits)

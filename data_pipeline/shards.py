@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from .errors import SampleError
+from .errors import NoValidSampleError, SampleError
 from .samples import IMAGE_EXTS, ImageLimits, caption_text, decode_rgb
 from .tario import RawSample
 
@@ -24,11 +24,13 @@ class AtomicShardWriter:
     """Write one tar shard; it appears under its final name only once complete.
 
     Samples are dicts with ``__key__`` and extension -> bytes/str/dict (dicts are written as JSON).
-    Used as a context manager: on an exception the temporary file is removed and nothing replaces ``path``.
+    Used as a context manager: on an exception the temporary file is removed and nothing replaces ``path``;
+    so it is too when no sample was written and ``keep_empty`` is false.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, keep_empty: bool = True):
         self.path = Path(path)
+        self.keep_empty = keep_empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._file = open(self.tmp, "wb")
@@ -63,7 +65,7 @@ class AtomicShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None and (self.count or self.keep_empty):
             self.close()
         else:
             self.abort()
@@ -129,7 +131,8 @@ def list_folder(src: str | os.PathLike, listing: str | os.PathLike | None = None
 def _write_folder_shard(job: tuple[str, list[FolderItem], ImageLimits]) -> dict:
     path, items, limits = job
     skipped: Counter = Counter()
-    with AtomicShardWriter(path) as writer:
+    # An empty shard is only written (by from_folder) once it is known that some other shard is not empty.
+    with AtomicShardWriter(path, keep_empty=False) as writer:
         for item in items:
             ext = Path(item.path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
             try:
@@ -169,19 +172,38 @@ def from_folder(
     limits: ImageLimits = ImageLimits(),
     progress: bool = True,
 ) -> dict:
-    """Pack a folder of captioned images into shards under ``out``; returns (and writes) a summary."""
+    """Pack a folder of captioned images into shards under ``out``; returns (and writes) a summary.
+
+    Raises :class:`NoValidSampleError`, having written nothing (no shard, no ``dataset.json``), when no
+    image passes the checks."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     items = list_folder(src, listing)
     outdir = Path(out)
+    created = [d for d in (outdir, *outdir.parents) if not d.exists()]  # the writers will make these
     jobs = [
         (str(outdir / shard_name(i // shard_size, prefix)), items[i : i + shard_size], limits)
         for i in range(0, len(items), shard_size)
     ]
     results = _run_jobs(_write_folder_shard, jobs, workers, len(items), progress, "from-folder")
+    skipped = dict(sum((Counter(r["skipped"]) for r in results), Counter()))
+    if not any(r["count"] for r in results):
+        for d in created:  # innermost first
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise NoValidSampleError(
+            f"no usable image under {str(src)!r}: all {len(items)} skipped ({skipped}); "
+            f"nothing written to {out}"
+        )
+    for r in results:
+        if not r["count"]:  # keep the shard numbering: a chunk of only bad images still gets its shard
+            with AtomicShardWriter(r["shard"]):
+                pass
     summary = {
         "source": str(src),
         "shards": len(results),
         "samples": sum(r["count"] for r in results),
-        "skipped": dict(sum((Counter(r["skipped"]) for r in results), Counter())),
+        "skipped": skipped,
         "per_shard": {Path(r["shard"]).name: r["count"] for r in results},
     }
     (outdir / "dataset.json").write_text(json.dumps(summary, indent=1, sort_keys=True))

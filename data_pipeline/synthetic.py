@@ -164,6 +164,8 @@ def write_synthetic(
         raise ValueError(f"--num and --shard-size must be >= 1 (got {num}, {shard_size})")
     if size < 16:
         raise ValueError(f"--size must be >= 16, got {size}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     outdir = Path(out)
     jobs = [
         (str(outdir / shard_name(i // shard_size, split)), i, min(num, i + shard_size), size, seed, split)

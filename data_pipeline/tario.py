@@ -4,19 +4,28 @@ A sample is the run of consecutive tar members that share a key (WebDataset's ru
 to the first dot of the file name, the rest is the extension). The headers are parsed here rather than by
 ``tarfile``: it is ~20x cheaper per member (it was half the loader's time) and tells a clean end of archive
 from a file cut short, which ``tarfile``'s stream mode silently conflates. ustar, GNU long names and pax
-headers are understood; other member types (directories, links) are skipped.
+headers are understood; other member types (directories, links) are skipped. Headers are untrusted input:
+a malformed number or pax record ends the shard as ``unreadable_tar`` like a garbled one, and a member is
+read in chunks, so a forged size costs no more memory than the bytes that are really there.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from webdataset.gopen import gopen_pipe
 from webdataset.tariterators import base_plus_ext
 
+from .urls import ShardUrl
+
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
+MAX_MEMBER = 1 << 32  # no sample file comes near 4 GiB: a larger size is a forged or corrupt header
+_CHUNK = 1 << 24
+_OCTAL = b"01234567"
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
 
 @dataclass
@@ -50,10 +59,24 @@ class _Garbled(Exception):
     """A header fails its checksum."""
 
 
+class _Malformed(_Garbled):
+    """A header that passes its checksum but holds nonsense: a size that is not a number or is impossible,
+    or a broken pax record. ``name`` is the member's name when the header gives it."""
+
+    def __init__(self, detail: str, name: str | None = None):
+        super().__init__(detail)
+        self.name = name
+
+
 def _octal(field_: bytes) -> int:
-    if field_ and field_[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
-        return int.from_bytes(field_[1:], "big")
+    """A numeric header field: NUL- or space-terminated octal digits, or GNU base-256 (first byte 0x80,
+    or 0xff for a negative number). ValueError for anything else."""
+    if field_[:1] in (b"\x80", b"\xff"):  # GNU base-256, for sizes over 8 GiB
+        value = int.from_bytes(field_[1:], "big")
+        return value - (1 << 8 * (len(field_) - 1)) if field_[0] == 0xFF else value
     digits = field_.split(b"\0", 1)[0].strip()
+    if digits.strip(_OCTAL):  # int() would also take signs, underscores, '0o' and other bases' digits
+        raise ValueError(f"not an octal number: {field_!r}")
     return int(digits, 8) if digits else 0
 
 
@@ -66,16 +89,37 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header, if any."""
+    """The ``path`` record of a pax extended header, if any; ValueError when a record is malformed.
+
+    Records are ``"%d %s=%s\\n" % (length, key, value)`` with ``length`` counting the whole record."""
     pos, path = 0, None
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8", "surrogateescape")
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_RECORD.match(data, pos)
+        if match is None:
+            raise ValueError(f"malformed pax record at offset {pos}: {data[pos : pos + 40]!r}")
+        length = int(match.group(1))
+        end = pos + length - 1  # the record's closing newline
+        if end < match.end() or end >= len(data) or data[end] != 0x0A:
+            raise ValueError(f"pax record at offset {pos} has a wrong length {length}")
+        if match.group(2) == b"path":
+            path = data[match.end() : end].decode("utf-8", "surrogateescape")
         pos += length
     return path
+
+
+def _read(read, size: int) -> bytes:
+    """``size`` bytes, or fewer at the end of the stream; read in chunks, so nothing is allocated up front
+    for bytes a header only claims."""
+    if size <= _CHUNK:
+        return read(size)
+    parts, left = [], size
+    while left:
+        part = read(min(left, _CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def iter_members(stream) -> Iterator[tuple[str, bytes]]:
@@ -91,9 +135,7 @@ def iter_members(stream) -> Iterator[tuple[str, bytes]]:
             return  # end-of-archive marker
         if not _checksum_ok(header):
             raise _Garbled(f"garbled header at byte {offset}")
-        size = _octal(header[124:136])
         kind = header[156:157]
-        padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if long_name is not None:
             name = long_name
         else:
@@ -101,16 +143,33 @@ def iter_members(stream) -> Iterator[tuple[str, bytes]]:
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             if prefix:
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        data = read(size)
+        try:
+            size = _octal(header[124:136])
+        except ValueError:
+            field_ = header[124:136].rstrip(b"\0")
+            raise _Malformed(
+                f"a size field that is not a number ({field_!r}) in the header of {name} at byte {offset}",
+                name,
+            ) from None
+        if not 0 <= size <= MAX_MEMBER:
+            raise _Malformed(
+                f"an impossible size ({size} bytes) in the header of {name} at byte {offset}", name
+            )
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = _read(read, size)
         if len(data) < size:
             raise _Cut(f"cut short inside {name} at byte {offset + BLOCK + len(data)}", name)
         if padded > size and len(read(padded - size)) < padded - size:
             raise _Cut(f"cut short after {name} at byte {offset + BLOCK + size}", name)
         offset += BLOCK + padded
-        if kind in (b"L", b"x"):
-            long_name = (
-                data.rstrip(b"\0").decode("utf-8", "surrogateescape") if kind == b"L" else _pax_path(data)
-            )
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind == b"x":
+            try:
+                long_name = _pax_path(data)
+            except ValueError as exc:
+                raise _Malformed(f"a broken pax header at byte {offset - BLOCK - padded}: {exc}") from None
             continue
         long_name = None
         if kind in _REGULAR:
@@ -118,13 +177,18 @@ def iter_members(stream) -> Iterator[tuple[str, bytes]]:
 
 
 def _open(url: str):
-    if url.startswith("pipe:"):
-        return gopen_pipe(url, "rb")  # the caller checked data.allow_pipe
+    # Only a URL that expand_shards classified as a pipe (written by the user, allowed) runs a command;
+    # any other string is a file name, even one that starts with "pipe:".
+    if isinstance(url, ShardUrl) and url.kind == "pipe":
+        return gopen_pipe(str(url), "rb")
     return open(url, "rb", buffering=1 << 20)
 
 
 def iter_shard(url: str, errors: list[ShardError] | None = None, skip: int = 0) -> Iterator[RawSample]:
     """Yield the complete samples of one shard, in order.
+
+    ``url`` is a file path, or a :class:`ShardUrl` of kind ``pipe`` (from :func:`expand_shards` with
+    ``allow_pipe``) whose command's output is read; a plain string never runs a command.
 
     A shard cut short or with a garbled header ends early: the samples whose members were all read are
     yielded, the sample whose member was cut is dropped, and one :class:`ShardError` is appended to
@@ -157,11 +221,14 @@ def iter_shard(url: str, errors: list[ShardError] | None = None, skip: int = 0) 
         if pending is not None and index >= skip:
             yield pending
     except (_Cut, _Garbled) as exc:
-        # Members read before the damage are intact: a sample is lost only if the cut member was its own.
-        cut_key = base_plus_ext(exc.name)[0] if isinstance(exc, _Cut) and exc.name else None
+        # Members read before the damage are intact: a sample is lost only if the broken member was its own.
+        name = exc.name if isinstance(exc, _Cut | _Malformed) else None
+        cut_key = base_plus_ext(name)[0] if name else None
         if pending is not None and pending.key != cut_key and index >= skip:
             yield pending
-        if isinstance(exc, _Garbled):
+        if isinstance(exc, _Malformed):
+            errors.append(ShardError(url, "unreadable_tar", f"{url} has {exc}"))
+        elif isinstance(exc, _Garbled):
             detail = f"{url} has a {exc}" if started else f"{url} is not a tar file"
             errors.append(ShardError(url, "unreadable_tar", detail))
         elif exc.at == 0:
