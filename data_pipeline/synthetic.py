@@ -51,32 +51,32 @@ def caption_for(colour: str, shape: str, position: str) -> str:
     return f"a {colour} {shape} in the {position}"
 
 
+def _square(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    k = r * 0.9
+    return [(cx - k, cy - k), (cx + k, cy - k), (cx + k, cy + k), (cx - k, cy + k)]
+
+
+def _triangle(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+
+
+def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    a = r * 0.36
+    return [
+        (cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a), (cx + a, cy + a),
+        (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
+    ]  # fmt: skip
+
+
+OUTLINES = {"circle": None, "square": _square, "triangle": _triangle, "cross": _cross}  # None: an ellipse
+
+
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Outline of a shape of half-size ``r`` centred at (cx, cy); None for the circle (drawn as ellipse)."""
-    if shape == "circle":
-        return None
-    if shape == "square":
-        k = r * 0.9
-        return [(cx - k, cy - k), (cx + k, cy - k), (cx + k, cy + k), (cx - k, cy + k)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
-    if shape == "cross":
-        a = r * 0.36
-        return [
-            (cx - a, cy - r),
-            (cx + a, cy - r),
-            (cx + a, cy - a),
-            (cx + r, cy - a),
-            (cx + r, cy + a),
-            (cx + a, cy + a),
-            (cx + a, cy + r),
-            (cx - a, cy + r),
-            (cx - a, cy + a),
-            (cx - r, cy + a),
-            (cx - r, cy - a),
-            (cx - a, cy - a),
-        ]
-    raise ValueError(f"unknown shape {shape!r}")
+    if shape not in OUTLINES:
+        raise ValueError(f"unknown shape {shape!r}")
+    outline = OUTLINES[shape]
+    return outline(cx, cy, r) if outline is not None else None
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:

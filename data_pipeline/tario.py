@@ -176,12 +176,16 @@ def iter_members(stream) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
+OPENERS = {  # by ShardUrl.kind
+    "path": lambda url: open(url, "rb", buffering=1 << 20),
+    "pipe": lambda url: gopen_pipe(str(url), "rb"),
+}
+
+
 def _open(url: str):
     # Only a URL that expand_shards classified as a pipe (written by the user, allowed) runs a command;
     # any other string is a file name, even one that starts with "pipe:".
-    if isinstance(url, ShardUrl) and url.kind == "pipe":
-        return gopen_pipe(str(url), "rb")
-    return open(url, "rb", buffering=1 << 20)
+    return OPENERS[url.kind if isinstance(url, ShardUrl) else "path"](url)
 
 
 def iter_shard(url: str, errors: list[ShardError] | None = None, skip: int = 0) -> Iterator[RawSample]:

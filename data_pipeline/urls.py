@@ -31,8 +31,10 @@ class ShardUrl(str):
     def __new__(cls, url: str, kind: str = "path") -> ShardUrl:
         if kind not in KINDS:
             raise ValueError(f"shard URL kind must be one of {KINDS}, got {kind!r}")
-        if kind == "pipe" and not url.startswith("pipe:"):
-            raise ValueError(f"a pipe shard URL starts with 'pipe:', got {url!r}")
+        if (kind == "pipe") != url.startswith("pipe:"):
+            raise ValueError(
+                f"a shard URL starts with 'pipe:' exactly when its kind is pipe, got {url!r} ({kind})"
+            )
         self = super().__new__(cls, url)
         self.kind = kind
         return self
