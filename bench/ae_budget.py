@@ -19,12 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.demo_report import checkpoint_minutes, reconstruction_adherence  # noqa: E402
-from trainer.export import export  # noqa: E402
-
+from trainer.demo.report import checkpoint_minutes, reconstruction_adherence  # noqa: E402
 from trainer.engine.checkpoint import COMMITTED  # noqa: E402
 from trainer.evaluate.cli import load_autoencoder, load_images, to_tensor  # noqa: E402
 from trainer.evaluate.recon import reconstruction_metrics  # noqa: E402
+from trainer.inference.export import export  # noqa: E402
 
 
 def photo_psnr(model: torch.nn.Module, photos: Path, size: int) -> float:

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.config import DataConfig
-from data_pipeline.loader import StreamingLoader
+from data_pipeline.images import ImageShards, ImageShardsConfig
 from data_pipeline.shards import AtomicShardWriter, shard_name
 from data_pipeline.tario import iter_shard
 
@@ -57,7 +56,7 @@ def bare_decode(jpegs: list[bytes]) -> float:
 
 
 def full_loader(folder: Path, num: int, resolution: int, crop: str, hflip: bool, batch: int = 32) -> float:
-    cfg = DataConfig(
+    cfg = ImageShardsConfig(
         urls=str(folder),
         resolution=resolution,
         crop=crop,
@@ -67,7 +66,7 @@ def full_loader(folder: Path, num: int, resolution: int, crop: str, hflip: bool,
         shuffle_buffer=1000,
         caption_dropout=0.1,
     )
-    loader = StreamingLoader(cfg, rank=0, world_size=1)
+    loader = ImageShards(cfg).loader(0, 1)
     n = 0
     t0 = time.perf_counter()
     for b in itertools.islice(iter(loader), num // batch):

@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_loader import make_shards
 from unet_step import SMALL
 
-from data_pipeline.config import DataConfig
-from data_pipeline.latents import MANIFEST
-from data_pipeline.loader import build_loader
+from data_pipeline.images import ImageShards, ImageShardsConfig
+from data_pipeline.latents import MANIFEST, LatentShards, LatentShardsConfig
 from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from trainer.models.unet import UNetModel
 
@@ -41,7 +40,7 @@ def run_precompute(shards: Path, out: Path, ae_dir: Path, batch: int) -> tuple[f
     cmd = [
         sys.executable,
         "-m",
-        "trainer.precompute",
+        "trainer.cli.precompute",
         f"out={out}",
         f"data.urls={shards}",
         "autoencoder=kl_f8",
@@ -87,7 +86,7 @@ def main() -> None:
         (tmp / "ae" / "ch.json").write_text(str(args.vae_ch))
         pre_rate, pre_wall = run_precompute(tmp / "images", tmp / "latents", tmp / "ae", args.batch)
         # the bare encoder on decoded, cropped images, batch by batch
-        cfg = DataConfig(
+        cfg = ImageShardsConfig(
             urls=str(tmp / "images"),
             resolution=256,
             batch_size=args.batch,
@@ -97,7 +96,7 @@ def main() -> None:
         )
         batches = [
             b["image"].float() / 127.5 - 1
-            for _, b in zip(range(args.num // args.batch), build_loader(cfg), strict=False)
+            for _, b in zip(range(args.num // args.batch), ImageShards(cfg).loader(0, 1), strict=False)
         ]
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -113,7 +112,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        img_cfg = DataConfig(
+        img_cfg = ImageShardsConfig(
             urls=str(tmp / "images"),
             resolution=256,
             batch_size=args.batch,
@@ -122,8 +121,7 @@ def main() -> None:
             resampled=True,
             epoch_samples=10**9,
         )
-        lat_cfg = DataConfig(
-            kind="latents",
+        lat_cfg = LatentShardsConfig(
             urls=str(tmp / "latents"),
             resolution=256,
             batch_size=args.batch,
@@ -132,7 +130,7 @@ def main() -> None:
             resampled=True,
             epoch_samples=10**9,
         )
-        img_iter, lat_iter = iter(build_loader(img_cfg)), iter(build_loader(lat_cfg))
+        img_iter, lat_iter = iter(ImageShards(img_cfg).loader(0, 1)), iter(LatentShards(lat_cfg).loader(0, 1))
         scale = json.loads((tmp / "latents" / MANIFEST).read_text())["scale_factor"]
 
         def images_path() -> None:

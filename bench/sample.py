@@ -20,8 +20,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.utils import logging as dlogging
 
 from trainer.diffusion.guidance import sample_loop
+from trainer.diffusion.parameterizations import EpsPrediction
 from trainer.diffusion.samplers import DDIMSampler
-from trainer.diffusion.schedules import NoiseSchedule, ScheduleConfig
+from trainer.diffusion.schedules import ScaledLinearSchedule
 from trainer.models.autoencoder import AutoencoderConfig
 from trainer.models.convert import diffusers_unet_config, diffusers_vae_config, unet_to_diffusers
 from trainer.models.unet import UNetConfig, UNetModel
@@ -75,8 +76,10 @@ def main() -> None:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    schedule = NoiseSchedule(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))
-    sampler = DDIMSampler(schedule, "eps", eta=0.0, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    schedule = ScaledLinearSchedule()
+    sampler = DDIMSampler(
+        schedule, EpsPrediction(), eta=0.0, spacing="leading", steps_offset=1, set_alpha_to_one=False
+    )
     g = torch.Generator().manual_seed(1)
     cond = torch.randn(args.batch, 77, TINY.context_dim, generator=g)
     uncond = torch.randn(args.batch, 77, TINY.context_dim, generator=g)

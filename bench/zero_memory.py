@@ -38,18 +38,20 @@ def storage_bytes(tensors) -> int:
 
 def worker(stage: int, precision: str, out: str) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
-    from trainer.train_config import DeepSpeedConfig, OptimConfig
     from unet_step import SMALL
 
     from trainer.engine import distributed as D
     from trainer.engine.deepspeed_setup import make_engine
+    from trainer.engine.optim import AdamW
+    from trainer.engine.precision import precision as precision_named
     from trainer.models.unet import UNetModel
+    from trainer.schema import DeepSpeedConfig
 
     env = D.detect()
     D.init(env, torch.device("cpu"))
     torch.manual_seed(0)
     engine = make_engine(
-        UNetModel(SMALL), DeepSpeedConfig(zero_stage=stage), OptimConfig(), 2, precision, 1e-4
+        UNetModel(SMALL), DeepSpeedConfig(zero_stage=stage), AdamW(), 2, precision_named(precision), 1e-4
     )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     x = torch.randn(2, 4, 16, 16, dtype=dtype)

@@ -49,10 +49,10 @@ class Job:
     exports: bool  # the script exports the final checkpoint (launcher.export_at_end)
 
 
-def _check_train(cfg: DictConfig, check_data: bool) -> None:
+def _check_train(cfg: DictConfig, check_files: bool) -> None:
     from trainer.train import prepare
 
-    prepare(cfg, load_models=False, check_data=check_data)
+    prepare(cfg, load_models=False, check_files=check_files)
 
 
 JOBS = {

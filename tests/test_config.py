@@ -57,7 +57,7 @@ def test_diffusion_presets_build(name):
 def test_every_experiment_composes_and_builds(name, tmp_path):
     cfg = compose("train", [f"experiment={name}", "weights.autoencoder=", "weights.allow_random_autoencoder=true",
                             f"run_dir={tmp_path}", "data.urls=unused"])  # fmt: skip
-    parts = prepare(cfg, load_models=False, check_data=False)
+    parts = prepare(cfg, load_models=False, check_files=False)
     assert parts.task.config._target_ == cfg.task._target_
 
 

@@ -165,6 +165,7 @@ def test_dry_run_of_a_16_node_job_is_the_documented_example():
             "launcher.partition=gpu",
             "launcher.account=my-project",
             "launcher.workdir=/shared/ldm",
+            "launcher.python=/shared/ldm/.venv/bin/python",
             "run_dir=/shared/ldm/runs/sd2_base_256",
             "weights.autoencoder=/shared/models/sd-vae",
             "data.urls='/shared/data/laion2b-en/{00000..23295}.tar'",

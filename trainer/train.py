@@ -65,9 +65,9 @@ def check_schema(cfg: DictConfig) -> None:
         raise ConfigError(f"config does not match the schema: {exc}") from None
 
 
-def prepare(cfg: DictConfig, load_models: bool = True, check_data: bool = True) -> Parts:
+def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True) -> Parts:
     """Every component of ``cfg`` built and checked; with ``load_models`` the models with their weights,
-    with ``check_data`` the shards must exist now (a dry run may describe another machine's files)."""
+    with ``check_files`` the shards and weight files must exist now (a dry run may describe another machine's)."""
     check_schema(cfg)
     try:
         prec = precision(cfg.precision)
@@ -84,8 +84,8 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_data: bool = True) 
         prec,
         {},
     )
-    parts.task.check(cfg)
-    if check_data:
+    parts.task.check(cfg, check_files)
+    if check_files:
         try:
             parts.data.check()
         except (FileNotFoundError, ValueError) as exc:
@@ -106,7 +106,7 @@ def plan(cfg: DictConfig) -> dict:
 def train(cfg: DictConfig) -> int:
     """Train; returns the exit code (0 also after a stop signal: see engine/guards.py)."""
     seed_everything(cfg.seed * 1000 + D.detect().rank)  # before the models are initialised
-    parts = prepare(cfg, load_models=not cfg.dry_run, check_data=not cfg.dry_run)
+    parts = prepare(cfg, load_models=not cfg.dry_run, check_files=not cfg.dry_run)
     if cfg.dry_run:
         print(json.dumps(plan(cfg), indent=2))
         return 0

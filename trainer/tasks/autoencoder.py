@@ -44,7 +44,7 @@ class AutoencoderTask:
     def __init__(self, config: AutoencoderTaskConfig | None = None):
         self.config = config or AutoencoderTaskConfig()
 
-    def check(self, cfg) -> None:
+    def check(self, cfg, files: bool = True) -> None:
         check_zero_stage(cfg, highest=2)  # the adaptive GAN weight differentiates at the decoder's last layer
         ae = to_dataclass(cfg.autoencoder, "autoencoder", Autoencoder)
         if cfg.data.resolution % ae.downsampling:

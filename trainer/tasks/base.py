@@ -36,8 +36,9 @@ class TaskContext:
 class Task(Protocol):
     """One training stage. Attribute: ``config`` (the task's own typed config)."""
 
-    def check(self, cfg: Any) -> None:
-        """Raise ConfigError (naming the key) for a config this stage cannot run; reads no weights."""
+    def check(self, cfg: Any, files: bool = True) -> None:
+        """Raise ConfigError (naming the key) for a config this stage cannot run; reads no weights. With
+        ``files``, the weight files the config names must exist now."""
         ...
 
     def build_models(self, cfg: Any) -> dict[str, nn.Module]:

@@ -65,7 +65,7 @@ class UNetTask:
         )
 
     # -- before anything runs ----------------------------------------------------------------------------
-    def check(self, cfg) -> None:
+    def check(self, cfg, files: bool = True) -> None:
         check_zero_stage(cfg)
         ae = to_dataclass(cfg.autoencoder, "autoencoder", Autoencoder)
         if cfg.unet is None:
@@ -87,6 +87,8 @@ class UNetTask:
             raise ConfigError("text_encoder: the UNet stage needs a condition encoder (text_encoder=...)")
         to_dataclass(cfg.text_encoder, "text_encoder", ConditionEncoder)
         w = cfg.weights
+        if not files:
+            return
         if not w.autoencoder and not w.allow_random_autoencoder:
             raise ConfigError(
                 "weights.autoencoder is empty: the UNet stage needs trained autoencoder weights "
