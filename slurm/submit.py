@@ -43,9 +43,8 @@ class Job:
     template: str
     describe: Callable[[DictConfig], str]
     output: Callable[[DictConfig], str]  # the run folder (logs and job files go to <it>/slurm)
-    check: Callable[
-        [DictConfig, bool], object
-    ]  # (config, whether the data must exist now): raises ConfigError
+    # (config, whether its files must exist now) -> None; raises ConfigError
+    check: Callable[[DictConfig, bool], object]
     exports: bool  # the script exports the final checkpoint (launcher.export_at_end)
 
 
