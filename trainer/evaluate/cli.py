@@ -260,7 +260,12 @@ def _fidelity_parser(sub, name: str, help_: str) -> None:
     f.add_argument("--kid-subsets", type=int, default=100)
     f.add_argument("--kid-subset-size", type=int, default=1000)
     f.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size")
-    f.add_argument("--prc-batch-size", type=int, default=10000, help="rows per distance block")
+    f.add_argument(
+        "--prc-batch-size",
+        type=int,
+        default=1000,
+        help="rows per distance block: memory ~40 B x rows x images",
+    )
     f.add_argument(
         "--seed", type=int, default=2020, help="KID subsets and IS shuffle (torch-fidelity's default)"
     )

@@ -198,7 +198,7 @@ def kid_from_features(
 
 
 def prc_from_features(
-    fake: np.ndarray, real: np.ndarray, k: int = 3, batch_size: int = 10000, device: str = "cpu"
+    fake: np.ndarray, real: np.ndarray, k: int = 3, batch_size: int = 1000, device: str = "cpu"
 ) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): k-NN balls around each set's features."""
     m = _torch_fidelity("metric_prc")
