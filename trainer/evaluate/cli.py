@@ -134,6 +134,10 @@ def fidelity(args) -> dict:
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
         ("--kid-subset-size", args.kid_subset_size, 2),
+        ("--kid-subsets", args.kid_subsets, 1),
+        ("--prc-k", args.prc_k, 1),
+        ("--prc-batch-size", args.prc_batch_size, 1),
+        ("--size", args.size, 0),
     ):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -158,6 +162,8 @@ def fidelity(args) -> dict:
         if args.real is not None and ref.source and Path(args.real).resolve() != Path(ref.source):
             raise ValueError(f"--ref-stats {ref_file} was computed from {ref.source}, not {args.real}")
         ref.check_network(network.fingerprint)
+        if need_features:  # fail before the long pass over FAKE
+            ref.require_features(" and ".join(m for m in metrics if m in ("kid", "prc")))
     else:
         # the feature matrix is kept whenever the statistics are saved, so a later kid / prc can reuse them
         real = stats_of(real_src, {POOL} if need_features or ref_file else set(), "real")[POOL]
