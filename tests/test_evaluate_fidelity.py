@@ -125,14 +125,23 @@ def test_precision_recall_and_inception_score_agree_with_torch_fidelity(ours, th
 
 
 def test_fid_ref_stats_are_reused_and_checked(sets, ours, tmp_path):
-    ref = load_reference(sets["root"] / "ref.npz")
+    ref = load_reference(sets["root"] / "ref.npz")  # written by the first run (REAL given, file absent)
     assert ref.n == N and ref.features.shape == (N, 2048) and ref.network == ours["network"]
     assert ref.source == str(sets["real"].resolve())
     common = ["--inception-weights", sets["w"], "--device", "cpu", "--batch-size", 8, "--workers", 0]
-    common += ["--no-progress", "--ref-stats", sets["root"] / "ref.npz"]
-    rc, again, err = run_eval("prc", sets["fake"], *common)  # REAL omitted: read from --ref-stats
+    common += ["--no-progress"]
+    rc, _, err = run_eval("ref-stats", sets["real"], "--ref-stats", tmp_path / "pre.npz", *common)
     assert rc == 0, err
-    assert again["precision"] == ours["precision"] and again["recall"] == ours["recall"]
+    pre = load_reference(tmp_path / "pre.npz")
+    assert np.array_equal(pre.features, ref.features) and np.array_equal(pre.sigma, ref.sigma)
+    rc, again, err = run_eval(  # REAL omitted: read from --ref-stats
+        "kid", sets["fake"], "--ref-stats", tmp_path / "pre.npz", "--also", "prc", "--also", "fid", *common,
+        "--kid-subsets", KID["subsets"], "--kid-subset-size", KID["size"],
+    )  # fmt: skip
+    assert rc == 0, err
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        assert again[key] == ours[key], key
+    common += ["--ref-stats", sets["root"] / "ref.npz"]
     rc, _, err = run_eval("fid", sets["fake"], sets["fake"], *common)
     assert rc == 2 and "was computed from" in err
     other = write_random_fid_weights(tmp_path / "other.pth", torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 1)
@@ -146,9 +155,9 @@ def test_fid_ref_stats_are_reused_and_checked(sets, ours, tmp_path):
     assert rc == 2 and "torchvision" in err and "--inception-weights" in err
     # published mu/sigma-only statistics (TTUR / pytorch-fid .npz) serve FID, not KID or P/R
     np.savez(tmp_path / "published.npz", mu=ref.mu, sigma=ref.sigma)
-    only = load_reference(tmp_path / "published.npz")
-    with pytest.raises(ValueError, match="holds mu/sigma only"):
-        only.require_features("kid")
+    assert load_reference(tmp_path / "published.npz").features is None
+    rc, _, err = run_eval("kid", sets["fake"], *common[:-1], tmp_path / "published.npz")
+    assert rc == 2 and "holds mu/sigma only" in err  # before the pass over FAKE
 
 
 def test_fidelity_sources_stream_folders_and_shards_alike(sets):

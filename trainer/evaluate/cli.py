@@ -5,6 +5,7 @@
     ldm-eval fid REAL FAKE --inception-weights weights-inception-2015-12-05-6726825d.pth [--also kid --also prc]
     ldm-eval fid REAL FAKE --inception-weights W --ref-stats coco_val_256.npz   # writes the real statistics once
     ldm-eval prc FAKE --inception-weights W --ref-stats coco_val_256.npz        # ... and reuses them
+    ldm-eval ref-stats REAL --ref-stats coco_val_256.npz --inception-weights W --size 256   # or precomputes them
     ldm-eval kid REAL FAKE --inception-weights W --device cuda --batch-size 128
     ldm-eval clip runs/x/samples --clip-model ViT-H-14 --clip-weights open_clip_vit_h14.bin
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,8 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .fidelity import NETWORK as NETWORK_NAME
-from .fidelity import WEIGHTS_FILE as WEIGHTS_NAME
+from .fidelity_cli import add_fidelity_parsers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -115,93 +114,6 @@ def recon(args) -> dict:
     return {"size": args.size, "images": rows, "mean": mean}
 
 
-def fidelity(args) -> dict:
-    """fid / kid / prc (and isc) between REAL (or --ref-stats) and FAKE, streamed in batches."""
-    from .fidelity import (
-        LOGITS,
-        POOL,
-        FIDInception,
-        extract,
-        fid_from_stats,
-        isc_from_logits,
-        kid_from_features,
-        prc_from_features,
-    )
-    from .reference import ReferenceStats, load_reference, save_reference
-    from .sources import open_source
-
-    metrics = list(dict.fromkeys([args.cmd, *args.also, *(["kid"] if args.kid else [])]))
-    for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
-        ("--kid-subset-size", args.kid_subset_size, 2),
-        ("--kid-subsets", args.kid_subsets, 1),
-        ("--prc-k", args.prc_k, 1),
-        ("--prc-batch-size", args.prc_batch_size, 1),
-        ("--size", args.size, 0),
-    ):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
-    need_features = "kid" in metrics or "prc" in metrics
-    ref_file = Path(args.ref_stats) if args.ref_stats else None
-    reuse = ref_file is not None and ref_file.is_file()
-    if args.real is None and not reuse:
-        raise ValueError(f"give REAL, or --ref-stats with an existing file (got {args.ref_stats or 'none'})")
-    fake_src = open_source(args.fake, args.size, args.recursive)
-    real_src = None if reuse else open_source(args.real, args.size, args.recursive)
-    network = FIDInception(
-        args.inception_weights, args.device, (POOL, LOGITS) if "isc" in metrics else (POOL,)
-    )
-    progress = not args.no_progress
-
-    def stats_of(src, keep, desc):
-        batches = src.batches(args.batch_size, args.workers)
-        return extract(network, batches, keep, src.count, f"ldm-eval {desc}", progress)
-
-    if reuse:
-        ref = load_reference(ref_file)
-        if args.real is not None and ref.source and Path(args.real).resolve() != Path(ref.source):
-            raise ValueError(f"--ref-stats {ref_file} was computed from {ref.source}, not {args.real}")
-        ref.check_network(network.fingerprint)
-        if need_features:  # fail before the long pass over FAKE
-            ref.require_features(" and ".join(m for m in metrics if m in ("kid", "prc")))
-    else:
-        # the feature matrix is kept whenever the statistics are saved, so a later kid / prc can reuse them
-        real = stats_of(real_src, {POOL} if need_features or ref_file else set(), "real")[POOL]
-        ref = ReferenceStats(
-            real.mean, real.sigma, real.n, real.features, network.fingerprint, str(real_src.path.resolve())
-        )
-        if ref_file is not None:
-            ref.path = str(save_reference(ref_file, ref))
-    fake_keep = ({POOL} if need_features else set()) | ({LOGITS} if "isc" in metrics else set())
-    fake_all = stats_of(fake_src, fake_keep, "fake")
-    fake = fake_all[POOL]
-    out: dict = {"n_real": ref.n, "n_fake": fake.n, "network": network.fingerprint}
-    if ref_file is not None:
-        out["ref_stats"] = str(ref_file)
-    if "fid" in metrics:
-        out["fid"] = fid_from_stats(fake.mean, fake.sigma, ref.mu, ref.sigma)
-    if "kid" in metrics:
-        size = min(args.kid_subset_size, fake.n, ref.n)
-        if size < args.kid_subset_size:
-            print(
-                f"ldm-eval: --kid-subset-size {args.kid_subset_size} > images; using {size}", file=sys.stderr
-            )
-        real_f = ref.require_features("kid")
-        out["kid"], out["kid_std"] = kid_from_features(
-            fake.features, real_f, args.kid_subsets, size, args.seed
-        )
-        out["kid_subset_size"] = size
-    if "prc" in metrics:
-        real_f = ref.require_features("precision/recall")
-        out.update(prc_from_features(fake.features, real_f, args.prc_k, args.prc_batch_size, args.device))
-        out["prc_k"] = args.prc_k
-    if "isc" in metrics:
-        out["inception_score"], out["inception_score_std"] = isc_from_logits(
-            fake_all[LOGITS].features, seed=args.seed
-        )
-    return out
-
-
 def clip(args) -> dict:
     """Mean CLIP score of ldm-sample folders (their prompts.json), streamed in batches."""
     from .clip_score import clip_score, load_clip
@@ -232,53 +144,6 @@ def clip(args) -> dict:
     return {"clip_score": total / max(n, 1), "n": n, "clip_model": args.clip_model}
 
 
-def _fidelity_parser(sub, name: str, help_: str) -> None:
-    f = sub.add_parser(name, help=help_, description=f"{help_}. Prints one JSON object.")
-    f.add_argument(
-        "real", nargs="?", help="real images: a folder of images or of .tar shards (or --ref-stats)"
-    )
-    f.add_argument("fake", help="generated images: a folder of images or of .tar shards")
-    f.add_argument(
-        "--inception-weights",
-        required=True,
-        help=f"the FID Inception ({NETWORK_NAME}) state dict: torch-fidelity's {WEIGHTS_NAME}",
-    )
-    f.add_argument(
-        "--ref-stats",
-        default="",
-        help="real-image statistics (.npz): read if the file exists (REAL may then be omitted), else written",
-    )
-    f.add_argument(
-        "--also",
-        action="append",
-        default=[],
-        choices=["fid", "kid", "prc", "isc"],
-        help="more metrics, same pass",
-    )
-    f.add_argument("--kid", action="store_true", help="same as --also kid")
-    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes"
-    )
-    f.add_argument("--size", type=int, default=0, help="resize + center-crop to SIZE first (0: as they are)")
-    f.add_argument("--recursive", action="store_true", help="also read images in subfolders")
-    f.add_argument("--kid-subsets", type=int, default=100)
-    f.add_argument("--kid-subset-size", type=int, default=1000)
-    f.add_argument("--prc-k", type=int, default=3, help="precision/recall neighbourhood size")
-    f.add_argument(
-        "--prc-batch-size",
-        type=int,
-        default=1000,
-        help="rows per distance block: memory ~40 B x rows x images",
-    )
-    f.add_argument(
-        "--seed", type=int, default=2020, help="KID subsets and IS shuffle (torch-fidelity's default)"
-    )
-    f.add_argument("--no-progress", action="store_true")
-    f.set_defaults(fn=fidelity)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="ldm-eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -293,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", type=int, default=256)
     r.add_argument("--lpips-backbone", default="")
     r.set_defaults(fn=recon)
-    _fidelity_parser(sub, "fid", "FID on the standard FID Inception (comparable with published numbers)")
-    _fidelity_parser(sub, "kid", "KID (torch-fidelity's estimator) on the FID Inception")
-    _fidelity_parser(sub, "prc", "precision/recall (Kynkäänniemi et al. 2019, k=3) on the FID Inception")
+    add_fidelity_parsers(sub)
     c = sub.add_parser("clip", help="CLIP score of ldm-sample output (OpenCLIP weights from a file)")
     c.add_argument("samples", nargs="+", help="folders written by ldm-sample")
     c.add_argument("--clip-model", default="ViT-B-32")
