@@ -374,6 +374,9 @@ def test_periodic_eval_one_process_writes_json_and_grid(eval_ref, tmp_path):
     fake = extract(metrics.network, src.batches(2), (), src.count, progress=False)[POOL]
     ref = metrics.reference
     assert result["fid"] == pytest.approx(fid_from_stats(fake.mean, fake.sigma, ref.mu, ref.sigma), rel=1e-6)
+    with pytest.raises(ValueError, match=r"eval\.adherence"):
+        evaluate_prompts(pipe, ["a photo of a cat"], [0], opts, metrics, 8, tmp_path / "eval")
+    assert not result_paths(tmp_path / "eval", 8)[0].exists()
 
 
 def test_periodic_eval_two_ranks_gather_the_one_process_result(eval_ref, tmp_path):

@@ -104,7 +104,8 @@ def _local_pass(pipeline, prompts, seeds, opts, metrics: EvalMetrics, mine: list
 
 
 def _merge(parts: list[dict]) -> dict:
-    """The ranks' parts in prompt order."""
+    """The ranks' parts in prompt order (ranks without prompts, when there are more ranks than prompts, left out)."""
+    parts = [p for p in parts if len(p["index"])] or parts[:1]
     index = np.concatenate([p["index"] for p in parts])
     order = np.argsort(index, kind="stable")
 
@@ -181,14 +182,29 @@ def evaluate_prompts(
         raise ValueError(f"eval: {len(prompts)} prompts but {len(seeds)} seeds")
     if not 0 <= rank < world_size:
         raise ValueError(f"eval: rank {rank} outside world_size {world_size}")
+    if metrics.adherence:
+        from .adherence import parse_prompt
+
+        for prompt in prompts:  # on every rank alike, before any collective
+            try:
+                parse_prompt(prompt)
+            except ValueError as exc:
+                raise ValueError(f"eval.adherence is for synthetic-set prompts only: {exc}") from exc
     distributed = _distributed(world_size)
     t0 = time.time()
-    local = _local_pass(pipeline, prompts, seeds, opts, metrics, list(range(rank, len(prompts), world_size)))
-    if distributed:
-        parts: list = [None] * world_size
-        torch.distributed.all_gather_object(parts, local)
+    mine = list(range(rank, len(prompts), world_size))
+    if not distributed:
+        parts = [_local_pass(pipeline, prompts, seeds, opts, metrics, mine)]
     else:
-        parts = [local]
+        try:
+            local = _local_pass(pipeline, prompts, seeds, opts, metrics, mine)
+        except Exception as exc:  # every rank must reach the gather, or the others wait forever
+            local = {"error": f"rank {rank}: {type(exc).__name__}: {exc}"}
+        parts = [None] * world_size
+        torch.distributed.all_gather_object(parts, local)
+        errors = [p["error"] for p in parts if "error" in p]
+        if errors:
+            raise RuntimeError(f"eval at step {step} failed: {'; '.join(errors)}")
     outcome: list = [None]
     if rank == 0:
         try:
