@@ -2,11 +2,17 @@
 
     ldm-eval adherence runs/demo/samples                 # synthetic set: colour / shape / position accuracy
     ldm-eval recon runs/demo/ae_export photo1.png ...     # PSNR / SSIM (/ LPIPS with --lpips-backbone)
-    ldm-eval fid REAL FAKE --inception-weights inception_v3_google-0cc3c7bd.pth [--kid]
+    ldm-eval fid REAL FAKE --inception-weights weights-inception-2015-12-05-6726825d.pth [--also kid --also prc]
+    ldm-eval fid REAL FAKE --inception-weights W --ref-stats coco_val_256.npz   # writes the real statistics once
+    ldm-eval prc FAKE --inception-weights W --ref-stats coco_val_256.npz        # ... and reuses them
+    ldm-eval ref-stats REAL --ref-stats coco_val_256.npz --inception-weights W --size 256   # or precomputes them
+    ldm-eval kid REAL FAKE --inception-weights W --device cuda --batch-size 128
     ldm-eval clip runs/x/samples --clip-model ViT-H-14 --clip-weights open_clip_vit_h14.bin
 
-REAL / FAKE are folders of images or of tar shards; sample folders are those ``ldm-sample`` writes (their
-``prompts.json`` says which prompt and seed made each image). Weights are read from paths, never downloaded.
+fid / kid / prc run the standard FID Inception (pt_inception-2015-12-05, torch-fidelity's port; numbers are
+comparable with published ones) and stream the images in batches. REAL / FAKE are folders of images or of tar
+shards; sample folders are those ``ldm-sample`` writes (their ``prompts.json`` says which prompt and seed made
+each image). Weights are read from paths, never downloaded. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
+
+from .fidelity_cli import add_fidelity_parsers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def load_images(source: str | Path, size: int = 0) -> list[np.ndarray]:
-    """HxWx3 uint8 images from a folder of image files or of tar shards (center-cropped to ``size``)."""
+    """HxWx3 uint8 images from a folder of image files or of tar shards (center-cropped to ``size``), all in
+    memory: for small sets (reports, benches); the metrics stream with :mod:`.sources` instead."""
     source = Path(source)
     arrays = []
     if any(source.glob("*.tar")):
@@ -103,26 +113,34 @@ def recon(args) -> dict:
     return {"size": args.size, "images": rows, "mean": mean}
 
 
-def fid_kid(args) -> dict:
-    from .fid import collect, fid, inception_features, kid
-
-    features = inception_features(args.inception_weights)
-    real, fake = (to_tensor(load_images(p, 299)) for p in (args.real, args.fake))
-    fr, ff = (collect(features, x.split(64)) for x in (real, fake))
-    out = {"fid": fid(fr, ff), "n_real": len(fr), "n_fake": len(ff)}
-    if args.kid:
-        out["kid"], out["kid_std"] = kid(fr, ff, subset_size=min(1000, len(fr), len(ff)))
-    return out
-
-
 def clip(args) -> dict:
+    """Mean CLIP score of ldm-sample folders (their prompts.json), streamed in batches."""
     from .clip_score import clip_score, load_clip
+    from .sources import stack_runs
 
-    model, _, tokenizer = load_clip(args.clip_model, args.clip_weights)
-    index = json.loads((Path(args.samples) / "prompts.json").read_text())
-    images = to_tensor([np.asarray(Image.open(Path(args.samples) / r["file"]).convert("RGB")) for r in index])
-    scores = clip_score(model, tokenizer, images, [r["prompt"] for r in index])
-    return {"clip_score": float(scores.mean()), "n": len(index)}
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, _, tokenizer = load_clip(args.clip_model, args.clip_weights, args.device)
+    rows = []
+    for folder in map(Path, args.samples):
+        index_file = folder / "prompts.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} does not exist (a folder written by ldm-sample)")
+        rows += [(folder / r["file"], r["prompt"]) for r in json.loads(index_file.read_text())]
+    total, n = 0.0, 0
+    for start in tqdm(
+        range(0, len(rows), args.batch_size), desc="ldm-eval clip", unit="batch", disable=args.no_progress
+    ):
+        chunk = rows[start : start + args.batch_size]
+        images = [
+            torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p, _ in chunk
+        ]
+        pos = 0
+        for batch in stack_runs(images):
+            prompts = [prompt for _, prompt in chunk[pos : pos + len(batch)]]
+            total += float(clip_score(model, tokenizer, batch.float() / 255, prompts).double().sum())
+            n, pos = n + len(batch), pos + len(batch)
+    return {"clip_score": total / max(n, 1), "n": n, "clip_model": args.clip_model}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,21 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", type=int, default=256)
     r.add_argument("--lpips-backbone", default="")
     r.set_defaults(fn=recon)
-    f = sub.add_parser("fid", help="FID (and KID) between two image sets")
-    f.add_argument("real")
-    f.add_argument("fake")
-    f.add_argument("--inception-weights", required=True)
-    f.add_argument("--kid", action="store_true")
-    f.set_defaults(fn=fid_kid)
-    c = sub.add_parser("clip", help="CLIP score of ldm-sample output")
-    c.add_argument("samples")
+    add_fidelity_parsers(sub)
+    c = sub.add_parser("clip", help="CLIP score of ldm-sample output (OpenCLIP weights from a file)")
+    c.add_argument("samples", nargs="+", help="folders written by ldm-sample")
     c.add_argument("--clip-model", default="ViT-B-32")
     c.add_argument("--clip-weights", required=True)
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=clip)
     args = p.parse_args(argv)
     try:
         result = args.fn(args)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"ldm-eval: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1))

@@ -1,48 +1,10 @@
-"""FID and KID between two sets of images, from Inception-v3 pool features (weights from a path; nothing is
-downloaded). The statistics are computed in float64; any feature extractor can be passed in (tests use a tiny
-random network to check the math against a reference)."""
+"""FID and KID math on feature matrices, in float64 (a dependency-free cross-check of torch-fidelity's
+estimators, which ``ldm-eval fid/kid/prc`` use: see :mod:`.fidelity`). The features themselves must come from the
+standard FID Inception for numbers comparable with published ones."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
-
-Features = Callable[[torch.Tensor], torch.Tensor]  # [0, 1] images (B, 3, H, W) -> (B, D)
-
-
-def inception_features(weights: str | Path, device: str = "cpu") -> Features:
-    """torchvision's Inception-v3 (IMAGENET1K_V1 weights from ``weights``), 2048-d pool features.
-
-    Note: published FIDs use the TF 'pt_inception-2015-12-05' weights; numbers from these weights are
-    comparable with each other, not with papers."""
-    import torchvision
-
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"eval.inception_weights: {path} does not exist (torchvision inception_v3 state dict, "
-            "e.g. inception_v3_google-0cc3c7bd.pth)"
-        )
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.fc = torch.nn.Identity()
-    model.eval().to(device)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def features(images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images.to(device).float(), size=(299, 299), mode="bilinear", antialias=True)
-        return model((x - mean) / std).double().cpu()
-
-    return features
-
-
-def collect(features: Features, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([features(b) for b in batches]).double()
 
 
 def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
