@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 _CAUSES = {
     errno.ENOSPC: "no space left on the device",
@@ -96,6 +97,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 def atomic_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     """Write ``obj`` as JSON (sorted keys) to ``path`` atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(f)`` with a binary file object, then move the file into place atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_save(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

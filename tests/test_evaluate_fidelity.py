@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from presets import tiny_pipeline
 
 from data_pipeline.synthetic import COLOURS, POSITIONS, SHAPES, write_synthetic
 from data_pipeline.tario import iter_shard
@@ -260,43 +261,12 @@ PROMPTS = [f"a {c} {s} in the {p}" for c, s, p in zip(COLOURS, SHAPES * 2, POSIT
 SEEDS = [11, 12, 13, 14, 15, 16]
 
 
-def tiny_pipeline(seed: int = 0):
-    """A random 32-px text-to-image pipeline from the tiny presets (as tests/test_sample.py builds it)."""
-    from trainer.diffusion.objectives import DiffusionConfig
-    from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
-    from trainer.models.text_encoders import TINY_OPENCLIP, OpenCLIPConfig, OpenCLIPTextEncoder
-    from trainer.models.unet import UNetConfig, UNetModel
-    from trainer.pipeline import LatentDiffusionPipeline
-
-    torch.manual_seed(seed)
-    unet = UNetModel(
-        UNetConfig(
-            model_channels=32,
-            channel_mult=[1, 2],
-            num_res_blocks=1,
-            attention_resolutions=[1, 2],
-            num_heads=2,
-            context_dim=64,
-            norm_groups=8,
-            sample_size=8,
-        )
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vae = AutoencoderKL(
-        AutoencoderConfig(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8, resolution=32)
-    )
-    text = OpenCLIPTextEncoder(OpenCLIPConfig(model_name=TINY_OPENCLIP))
-    return LatentDiffusionPipeline(unet.eval(), vae.eval(), text, DiffusionConfig(), scale_factor=0.5)
-
-
 def eval_setup(ref_path: Path):
     """The same pipeline, metrics and options in every process."""
     from trainer.evaluate.clip_score import load_clip
     from trainer.evaluate.periodic import EvalMetrics
+    from trainer.inference.pipeline import GenerateOptions
     from trainer.models.text_encoders import TINY_OPENCLIP
-    from trainer.pipeline import GenerateOptions
 
     pipe = tiny_pipeline()
     torch.manual_seed(5)
@@ -341,7 +311,7 @@ def eval_ref(sets) -> Path:
 
 def test_periodic_eval_one_process_writes_json_and_grid(eval_ref, tmp_path):
     from trainer.evaluate.periodic import evaluate_prompts, result_paths
-    from trainer.images import save_images
+    from trainer.inference.images import save_images
 
     pipe, metrics, opts = eval_setup(eval_ref)
     result = evaluate_prompts(pipe, PROMPTS, SEEDS, opts, metrics, 7, tmp_path / "eval")

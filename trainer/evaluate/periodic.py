@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..images import grid_image, to_uint8
+from data_pipeline.atomic import atomic_stream
+
+from ..inference.images import grid_image, to_uint8
 from .fidelity import (
     LOGITS,
     POOL,
@@ -29,7 +31,7 @@ from .fidelity import (
     kid_from_features,
     prc_from_features,
 )
-from .reference import ReferenceStats, atomic_write
+from .reference import ReferenceStats
 
 
 @dataclass
@@ -155,9 +157,9 @@ def _write(out_dir: Path, step: int, record: dict, grid: dict[int, np.ndarray]) 
     json_path, grid_path = result_paths(out_dir, step)
     if grid:
         images = torch.from_numpy(np.stack([grid[i] for i in sorted(grid)])).permute(0, 3, 1, 2).float() / 255
-        atomic_write(grid_path, lambda f: grid_image(images).save(f, format="PNG"))
+        atomic_stream(grid_path, lambda f: grid_image(images).save(f, format="PNG"))
         record["grid"] = grid_path.name
-    atomic_write(json_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_stream(json_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def evaluate_prompts(
@@ -172,7 +174,7 @@ def evaluate_prompts(
     world_size: int = 1,
 ) -> dict[str, float]:
     """Sample ``prompts`` (seed ``seeds[i]`` for prompt i) with ``pipeline`` (built on the EMA weights) and
-    ``opts`` (a :class:`~trainer.pipeline.GenerateOptions`; its seeds are replaced), spread over the ranks;
+    ``opts`` (a :class:`~trainer.inference.pipeline.GenerateOptions`; its seeds are replaced), spread over the ranks;
     returns the metrics on every rank; rank 0 writes ``step_<N>.json`` and ``step_<N>.png`` in ``out_dir``.
 
     Call it on every rank at the same step (it gathers with ``torch.distributed`` when ``world_size`` > 1; with

@@ -9,40 +9,12 @@ FID only.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through a temporary file in the same folder, fsync it, then rename: readers see the old
-    file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+from data_pipeline.atomic import atomic_stream
 
 
 @dataclass
@@ -81,7 +53,7 @@ def save_reference(path: str | Path, ref: ReferenceStats) -> Path:
     }
     if ref.features is not None:
         arrays["features"] = np.asarray(ref.features, np.float32)
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_stream(path, lambda f: np.savez(f, **arrays))
 
 
 def load_reference(path: str | Path) -> ReferenceStats:
