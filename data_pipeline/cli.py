@@ -1,6 +1,6 @@
 """``ldm-data``: make, check and stream WebDataset shards.
 
-ldm-data synth --out DIR --num N --shard-size K --size 64 --seed S [--split train|heldout|all]
+ldm-data synth --out DIR --num N --shard-size K --size 64 --seed S [--split train|heldout|all] [--labels]
 ldm-data from-folder SRC --out DIR [--captions list.csv|.parquet] [--shard-size K] [--workers W]
 ldm-data validate URLS... [--json]
 ldm-data stream URLS... [--resolution R --batch-size B --workers W --batches N]
@@ -55,9 +55,17 @@ def _synth(args: argparse.Namespace) -> int:
     from .synthetic import write_synthetic
 
     shards = write_synthetic(
-        args.out, args.num, args.shard_size, args.size, args.seed, args.split, args.workers
+        args.out,
+        args.num,
+        args.shard_size,
+        args.size,
+        args.seed,
+        args.split,
+        args.workers,
+        labels=args.labels,
     )
-    print(f"wrote {args.num} {args.split} samples in {len(shards)} shards to {args.out}")
+    extra = " with class ids, boxes, masks and segmentation maps" if args.labels else ""
+    print(f"wrote {args.num} {args.split} samples{extra} in {len(shards)} shards to {args.out}")
     return 0
 
 
@@ -145,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=COUNT, default=0)
     s.add_argument("--split", default="train", choices=["train", "heldout", "all"])
     s.add_argument("--workers", type=POSITIVE, default=1)
+    s.add_argument(
+        "--labels", action="store_true", help="also class ids, boxes, masks and segmentation maps (all modes)"
+    )
     s.set_defaults(fn=_synth)
 
     f = sub.add_parser("from-folder", help="pack an image folder (name.jpg + name.txt) or a CSV/parquet list")

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from shardmaker import image_bytes
 
 from data_pipeline.shards import AtomicShardWriter, from_folder
-from data_pipeline.synthetic import COLOURS, POSITIONS, SHAPES, combinations, write_synthetic
+from data_pipeline.synthetic import (
+    COLOURS,
+    NUM_CLASSES,
+    POSITIONS,
+    SHAPES,
+    class_id,
+    class_name,
+    combinations,
+    write_synthetic,
+)
 from data_pipeline.tario import iter_shard
 
 
@@ -116,3 +128,33 @@ def test_from_folder_names_a_bad_listing(tmp_path):
     bad.write_text("filename,label\na.jpg,x\n")
     with pytest.raises(ValueError, match=r"l\.csv needs a path column"):
         from_folder(str(tmp_path / "src"), str(tmp_path / "o"), str(bad), progress=False)
+
+
+def test_synthetic_labels_are_exact_and_leave_the_images_unchanged(tmp_path):
+    write_synthetic(str(tmp_path / "plain"), 30, 30, 32, seed=5, progress=False)
+    write_synthetic(str(tmp_path / "lab"), 30, 30, 32, seed=5, progress=False, labels=True)
+    plain = {s.key: s for p in sorted((tmp_path / "plain").glob("*.tar")) for s in iter_shard(str(p))}
+    labelled = [s for p in sorted((tmp_path / "lab").glob("*.tar")) for s in iter_shard(str(p))]
+    assert len(labelled) == 30
+    for s in labelled:
+        assert s.files["jpg"] == plain[s.key].files["jpg"] and s.files["txt"] == plain[s.key].files["txt"]
+        truth = json.loads(s.files["json"])
+        assert {k: v for k, v in truth.items() if k in json.loads(plain[s.key].files["json"])} == json.loads(
+            plain[s.key].files["json"]
+        )
+        label = truth["class_id"]
+        assert label == class_id(truth["colour"], truth["shape"]) and 0 <= label < NUM_CLASSES
+        assert class_name(label) == f"{truth['colour']} {truth['shape']}"
+        assert truth["box_labels"] == [label] and len(truth["boxes"]) == 1
+        mask = np.asarray(Image.open(io.BytesIO(s.files["mask.png"])))
+        seg = np.asarray(Image.open(io.BytesIO(s.files["seg.png"])))
+        assert mask.shape == seg.shape == (32, 32) and set(np.unique(mask)) == {0, 255}
+        assert np.array_equal(seg, (mask == 255) * (label + 1))
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = (v * 32 for v in truth["boxes"][0])
+        # a mask pixel is at least half covered, so its centre (i + 0.5) is inside the box; the box is tight:
+        # the pixels just outside the mask are less than half covered, so the box ends within them
+        assert x0 <= xs.min() + 0.5 and xs.max() + 0.5 <= x1 and y0 <= ys.min() + 0.5 and ys.max() + 0.5 <= y1
+        assert xs.min() - 1 <= x0 and x1 <= xs.max() + 2 and ys.min() - 1 <= y0 and y1 <= ys.max() + 2
+        row, col = truth["position"].split()
+        assert ((x0 + x1) / 2 > 16) == (col == "right") and ((y0 + y1) / 2 > 16) == (row == "bottom")
