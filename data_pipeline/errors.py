@@ -45,4 +45,6 @@ REASONS = (
     "missing_caption",
     "non_utf8_caption",
     "bad_latent",
+    "missing_label",  # a .json field (data.fields) or a label map (data.maps) the config asks for is absent
+    "bad_label",  # a label map that is not a one-channel image of the image's size, or a malformed box
 )

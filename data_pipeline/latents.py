@@ -179,7 +179,13 @@ class LatentDecoder:
         mean, std = (t["mean_flip"], t["std_flip"]) if flip else (t["mean"], t["std"])
         index, caption = choose_caption(text, cfg.caption_choice, rng)
         dropped = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
-        item = {"mean": mean, "std": std, "caption": "" if dropped else caption, "key": raw.key}
+        item = {
+            "mean": mean,
+            "std": std,
+            "caption": "" if dropped else caption,
+            "key": raw.key,
+            "dropped": dropped,
+        }
         meta = metadata(raw)
         item["size"] = tuple(meta.get("original_size", (0, 0)))
         item["crop"] = tuple(meta.get("crop_top_left", (0, 0)))
@@ -200,6 +206,7 @@ def collate_latents(items: list[dict]) -> dict:
         "key": [it["key"] for it in items],
         "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
         "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
+        "dropped": torch.tensor([it["dropped"] for it in items], dtype=torch.bool),
     }
     if "text" in items[0]:
         batch["text_tokens"] = torch.stack([it["text"] for it in items])
@@ -261,7 +268,16 @@ class LatentShards:
         return float(self.manifest["scale_factor"])
 
     def batch_keys(self) -> frozenset[str]:
-        keys = {"latent_mean", "latent_std", "caption", "key", "original_size", "crop_top_left", "epoch"}
+        keys = {
+            "latent_mean",
+            "latent_std",
+            "caption",
+            "key",
+            "original_size",
+            "crop_top_left",
+            "epoch",
+            "dropped",
+        }
         return frozenset(keys | ({"text_tokens"} if self.manifest["settings"]["text_tokens"] else set()))
 
     def loader(self, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:

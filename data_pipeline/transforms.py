@@ -4,6 +4,7 @@ that a sample's augmentation does not depend on rank, worker or batch order."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -25,6 +26,54 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{key}")
 
 
+@dataclass(frozen=True)
+class CropWindow:
+    """The square a crop keeps, in the decoded image's pixels, and its top-left corner in resized coordinates
+    (SDXL's crop conditioning convention)."""
+
+    top: int
+    left: int
+    side: int
+    corner: tuple[int, int]
+
+
+def crop_window(h: int, w: int, resolution: int, crop: str, rng: random.Random) -> CropWindow:
+    """Where a square crop of an h x w image, resized to ``resolution``, comes from (one draw of ``rng`` for
+    random crops)."""
+    side = min(h, w)
+    scale = resolution / side
+    rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    if crop not in CROPS:
+        raise ValueError(f"data.crop must be one of {sorted(CROPS)}, got {crop!r}")
+    top, left = CROPS[crop](rh, rw, resolution, rng)
+    t0, l0 = min(round(top / scale), h - side), min(round(left / scale), w - side)
+    return CropWindow(t0, l0, side, (top, left))
+
+
+def apply_crop(
+    pixels: torch.Tensor,
+    window: CropWindow,
+    resolution: int,
+    mode: TF.InterpolationMode = TF.InterpolationMode.BICUBIC,
+) -> torch.Tensor:
+    """The window of a (C, H, W) tensor resized to ``resolution`` (bicubic antialiased; label maps: nearest)."""
+    pixels = pixels[:, window.top : window.top + window.side, window.left : window.left + window.side]
+    if window.side != resolution:
+        antialias = mode != TF.InterpolationMode.NEAREST_EXACT
+        pixels = TF.resize(pixels, [resolution, resolution], mode, antialias=antialias)
+    return pixels
+
+
+def crop_box(box: list[float], h: int, w: int, window: CropWindow, flip: bool) -> list[float]:
+    """A normalised [x0, y0, x1, y1] box of an h x w image, normalised to the crop (clipped to it), mirrored
+    when the crop is flipped."""
+    x0, y0, x1, y1 = ((box[i] * (w if i % 2 == 0 else h)) for i in range(4))
+    x0, x1 = ((x - window.left) / window.side for x in (x0, x1))
+    y0, y1 = ((y - window.top) / window.side for y in (y0, y1))
+    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1))
+    return [1.0 - x1, y0, 1.0 - x0, y1] if flip else [x0, y0, x1, y1]
+
+
 def crop_resize(
     pixels: torch.Tensor, resolution: int, crop: str, rng: random.Random
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -34,18 +83,8 @@ def crop_resize(
     resized. Returns the pixels and the crop's top-left corner in resized coordinates (SDXL's crop
     conditioning convention).
     """
-    _, h, w = pixels.shape
-    side = min(h, w)
-    scale = resolution / side
-    rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    if crop not in CROPS:
-        raise ValueError(f"data.crop must be one of {sorted(CROPS)}, got {crop!r}")
-    top, left = CROPS[crop](rh, rw, resolution, rng)
-    t0, l0 = min(round(top / scale), h - side), min(round(left / scale), w - side)
-    pixels = pixels[:, t0 : t0 + side, l0 : l0 + side]
-    if side != resolution:
-        pixels = TF.resize(pixels, [resolution, resolution], TF.InterpolationMode.BICUBIC, antialias=True)
-    return pixels, (top, left)
+    window = crop_window(pixels.shape[1], pixels.shape[2], resolution, crop, rng)
+    return apply_crop(pixels, window, resolution), window.corner
 
 
 def caption_lines(text: str) -> list[str]:

@@ -29,6 +29,14 @@ def synth_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_labelled(tmp_path_factory) -> Path:
+    """8 shards x 40 synthetic 32px samples with class ids, boxes, masks and segmentation maps."""
+    out = tmp_path_factory.mktemp("synth_labelled")
+    write_synthetic(str(out), num=320, shard_size=40, size=32, seed=0, progress=False, labels=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def corrupt_set(tmp_path_factory) -> tuple[Path, dict]:
     """Shards with known faults; returns the folder and the exact counts validate must report
     (with min_size=16 and max_pixels=100_000)."""

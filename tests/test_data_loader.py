@@ -203,3 +203,54 @@ def test_world_size_change_restarts_the_epoch_in_progress(synth_shards, caplog):
     batch = take(b, 1)[0]
     assert batch["epoch"].tolist() == [1] * 5
     assert b.counters()["valid"] == a.counters()["valid"] + 5
+
+
+def test_labels_follow_the_crop_and_flip_of_their_image(synth_labelled):
+    """class ids, boxes and segmentation maps pass through as batch keys; boxes and maps move with a random crop,
+    a resize and a flip exactly as the pixels do, and `dropped` marks the samples whose caption was dropped."""
+    cfg = cfg_for(synth_labelled, resolution=24, crop="random", hflip=True, caption_dropout=0.3, batch_size=16,
+                  fields=["class_id", "boxes", "box_labels"], box_fields=["boxes"], maps=["seg.png", "mask.png"])  # fmt: skip
+    batches = take(build_loader(cfg), 4)
+    assert ImageShards(cfg).batch_keys() >= {"class_id", "boxes", "box_labels", "seg", "mask", "dropped"}
+    flipped_any = False
+    for batch in batches:
+        assert batch["class_id"].dtype == torch.long and batch["seg"].shape == (16, 1, 24, 24)
+        assert torch.equal(batch["dropped"], torch.tensor([c == "" for c in batch["caption"]]))
+        for i in range(16):
+            seg, label = batch["seg"][i, 0], int(batch["class_id"][i])
+            assert set(seg.unique().tolist()) <= {0, label + 1} and batch["box_labels"][i] == [label]
+            assert torch.equal(batch["mask"][i, 0] == 255, seg == label + 1)
+            ys, xs = torch.nonzero(seg).T
+            x0, y0, x1, y1 = (v * 24 for v in batch["boxes"][i][0])
+            assert x0 - 1 <= xs.min() + 0.5 and xs.max() + 0.5 <= x1 + 1
+            assert y0 - 1 <= ys.min() + 0.5 and ys.max() + 0.5 <= y1 + 1
+            # the shape's colour is where the map says: the masked pixels differ from the background
+            img = batch["image"][i].float()
+            inside, outside = img[:, seg > 0].mean(1), img[:, seg == 0].mean(1)
+            assert (inside - outside).abs().max() > 20
+            flipped_any |= batch["boxes"][i][0][0] > 0.5 and "left" in batch["caption"][i]
+    assert flipped_any  # some flipped samples (a "left" shape now on the right)
+    assert any(batch["dropped"].any() for batch in batches)
+
+
+def test_label_config_errors_name_the_key(synth_labelled):
+    from data_pipeline.errors import InputError
+
+    with pytest.raises(InputError, match=r"data\.box_fields"):
+        ImageShards(cfg_for(synth_labelled, box_fields=["boxes"]))
+    with pytest.raises(InputError, match=r"data\.maps"):
+        ImageShards(cfg_for(synth_labelled, maps=["seg.jpg"]))
+    with pytest.raises(InputError, match=r"data\.fields"):
+        ImageShards(cfg_for(synth_labelled, fields=["image"]))
+    from data_pipeline.errors import SampleError
+    from data_pipeline.images import ImageDecoder
+    from data_pipeline.tario import iter_shard
+
+    raw = next(iter_shard(str(sorted(synth_labelled.glob("*.tar"))[0])))
+    with pytest.raises(SampleError, match="no_such_field") as err:
+        ImageDecoder(cfg_for(synth_labelled, fields=["no_such_field"]))(raw, 0)
+    assert err.value.reason == "missing_label"
+    del raw.files["seg.png"]
+    with pytest.raises(SampleError, match=r"seg\.png") as err:
+        ImageDecoder(cfg_for(synth_labelled, maps=["seg.png"]))(raw, 0)
+    assert err.value.reason == "missing_label"
