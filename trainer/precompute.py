@@ -34,7 +34,7 @@ from data_pipeline.urls import expand_shards
 from .config import ConfigError, build, config_dict
 from .engine import distributed as D
 from .engine.guards import pause_forever
-from .models.autoencoder import Autoencoder
+from .models.autoencoder import Autoencoder, measure_scale_factor
 from .models.text_encoders import ConditionEncoder
 from .models.weights import fingerprint, load_autoencoder_weights
 
@@ -81,22 +81,12 @@ def _images(items: list[dict], device: torch.device) -> torch.Tensor:
     return x.to(device).float().div_(127.5).sub_(1.0)
 
 
-@torch.no_grad()
 def scale_factor(cfg, autoencoder, shards: list[str], device: torch.device) -> float:
     """1 / std of posterior samples over the first ``scale_samples`` images (shards in name order)."""
     g = torch.Generator(device).manual_seed(cfg.seed)
-    total, sq, count = 0.0, 0.0, 0
-    for chunk in _ShardImages(list(enumerate(shards)), cfg.data, cfg.batch_size):
-        if not chunk["items"]:
-            continue
-        z = autoencoder.encode_latents(_images(chunk["items"], device), sample=True, generator=g).double()
-        total, sq, count = total + z.sum().item(), sq + z.pow(2).sum().item(), count + z.numel()
-        if count >= cfg.scale_samples * z[0].numel():
-            break
-    if count == 0:
-        raise RuntimeError("no valid image to estimate the latent scale factor from")
-    mean = total / count
-    return float(1.0 / ((sq / count - mean**2) ** 0.5))
+    chunks = _ShardImages(list(enumerate(shards)), cfg.data, cfg.batch_size)
+    images = (_images(c["items"], device) for c in chunks if c["items"])
+    return measure_scale_factor(autoencoder, images, cfg.scale_samples, g)
 
 
 class Encoder:

@@ -166,7 +166,7 @@ def export_autoencoder(folder: Path, out: Path, ema: bool = True) -> Path:
     atomic_save(out / "autoencoder.safetensors", lambda tmp: save_file(sd, str(tmp)))
     meta = {
         "config": config_dict(model.config),
-        "scale_factor": model.config.scale_factor,
+        "scale_factor": model.config.scale_factor or None,  # None: the UNet stage measures it from its data
         "checkpoint": str(folder),
         "weights": "ema" if uses_ema(folder, ema) else "raw",
     }

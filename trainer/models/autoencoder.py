@@ -8,6 +8,7 @@ and from diffusers' ``AutoencoderKL``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ class AutoencoderConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     attention: str = "sdpa"
-    scale_factor: float = 0.18215  # latents are multiplied by this before diffusion (SD's VAE value)
+    scale_factor: float = 0.0  # latents are multiplied by this before diffusion; 0: measured from the data
     n_embed: int = 8192  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
 
@@ -309,3 +310,25 @@ class VQModel(Autoencoder):
         """Reconstruction and ``{"codebook_loss": scalar, "usage", "perplexity", "indices"}``."""
         zq, loss, info = self.quantize(self.encode_latents(x))
         return self.decoder(self.post_quant_conv(zq)), {"codebook_loss": loss, **info}
+
+
+@torch.no_grad()
+def measure_scale_factor(
+    autoencoder: nn.Module,
+    images: Iterable[torch.Tensor],
+    limit: int,
+    generator: torch.Generator | None = None,
+) -> float:
+    """1 / std of posterior samples of the first ``limit`` images (batches in [-1, 1]), as LDM measures the
+    latent scale factor (``ldm-precompute`` and the UNet stage's on-the-fly path both use this)."""
+    total, sq, count, seen = 0.0, 0.0, 0, 0
+    for x in images:
+        z = autoencoder.encode_latents(x, sample=True, generator=generator).double()
+        total, sq, count = total + z.sum().item(), sq + z.pow(2).sum().item(), count + z.numel()
+        seen += x.shape[0]
+        if seen >= limit:
+            break
+    if count == 0:
+        raise RuntimeError("no valid image to estimate the latent scale factor from")
+    mean = total / count
+    return float(1.0 / ((sq / count - mean**2) ** 0.5))

@@ -179,6 +179,7 @@ def diffusers_vae_config(cfg: AutoencoderConfig) -> dict:
     """The ``AutoencoderKL`` config with the same architecture as ``cfg``."""
     if cfg.z_channels != cfg.embed_dim:
         raise ValueError("diffusers' AutoencoderKL needs autoencoder.z_channels == autoencoder.embed_dim")
+    known = {"scaling_factor": cfg.scale_factor} if cfg.scale_factor > 0 else {}  # else: measured from data
     return {
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
@@ -189,7 +190,7 @@ def diffusers_vae_config(cfg: AutoencoderConfig) -> dict:
         "latent_channels": cfg.embed_dim,
         "norm_num_groups": cfg.norm_groups,
         "sample_size": cfg.resolution,
-        "scaling_factor": cfg.scale_factor,
+        **known,
     }
 
 
