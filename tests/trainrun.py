@@ -26,9 +26,11 @@ def env() -> dict:
     return e
 
 
-def command(run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -> list[str]:
+def command(
+    run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2, experiment: str = "tiny_cpu"
+) -> list[str]:
     base = [
-        "experiment=tiny_cpu",
+        f"experiment={experiment}",
         f"run_dir={run_dir}",
         f"data.urls={shards}",
         "logger.log_every=1",
@@ -51,10 +53,16 @@ def command(run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -
 
 
 def run(
-    run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2, check: bool = True, timeout: int = 600
+    run_dir: Path,
+    shards: Path,
+    overrides: list[str],
+    nproc: int = 2,
+    check: bool = True,
+    timeout: int = 600,
+    experiment: str = "tiny_cpu",
 ) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        command(run_dir, shards, overrides, nproc),
+        command(run_dir, shards, overrides, nproc, experiment),
         cwd=ROOT,
         env=env(),
         capture_output=True,

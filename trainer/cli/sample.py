@@ -4,9 +4,14 @@
     ldm-sample CKPT --prompts-file prompts.txt --out samples/ --sampler dpmpp_2m --steps 20 --batch-size 8
     ldm-sample CKPT --prompt "..." --init-image in.png --strength 0.6          # image-to-image
     ldm-sample CKPT --prompt "..." --init-image in.png --mask mask.png          # inpainting (white = repaint)
+    ldm-sample CKPT --prompt "" --low-res small.png --height 64 --width 64      # super-resolution (unconditional)
+    ldm-sample CKPT --prompt "" --segmentation seg.png --height 64 --width 64   # semantic synthesis
+    ldm-sample CKPT --prompt 7 --num 4                                         # class-conditional: a class id
+    ldm-sample CKPT --prompt '[[7, 0.1, 0.1, 0.45, 0.45]]'                     # layout: [class, x0, y0, x1, y1]
 
-CKPT is a native export (``ldm-export``) or a training checkpoint folder. Image i of prompt p gets seed
-``seed + p * num + i``, so an image depends on its seed only, not on the batch it ran in.
+CKPT is a native export (``ldm-export``) or a training checkpoint folder. A prompt is whatever the model's
+condition encoder parses (a caption, a class id, a layout as JSON; unconditional models ignore it). Image i of
+prompt p gets seed ``seed + p * num + i``, so an image depends on its seed only, not on the batch it ran in.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..inference.images import grid_image, load_image, save_images
+from ..inference.images import grid_image, load_image, load_label_map, save_images
 from ..inference.pipeline import GenerateOptions, load_pipeline
 
 
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.8)
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--low-res", help="low-resolution input of a super-resolution model")
+    p.add_argument(
+        "--segmentation", help="segmentation map (one-channel PNG of class ids) of a semantic model"
+    )
     p.add_argument("--raw", action="store_true", help="training checkpoints: use raw weights, not the EMA")
     return p
 
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["mask"] = load_image(args.mask, size, mode="L")
     if args.low_res:
         extra["low_res"] = load_image(args.low_res) * 2 - 1
+    if args.segmentation:
+        extra["segmentation"] = load_label_map(args.segmentation)
     out = Path(args.out)
     images, names = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="ldm-sample", unit="batch"):

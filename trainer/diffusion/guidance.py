@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from .samplers import Sampler, img2img_start, randn
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, context) -> output
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x, t, condition) -> output
+Condition = Any  # a tensor (context tokens), None, or a tuple of them (tokens, class labels)
 
 
 @dataclass
@@ -23,18 +25,25 @@ class Inpaint:
     keep: torch.Tensor
 
 
+def batch_conditions(a: Condition, b: Condition) -> Condition:
+    """Two conditions as one batch: tensors are concatenated, tuples element by element, None stays None."""
+    if isinstance(a, tuple):
+        return tuple(batch_conditions(x, y) for x, y in zip(a, b, strict=True))
+    return None if a is None else torch.cat([a, b])
+
+
 def guided(
     denoiser: Denoiser,
     x: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: Condition,
+    uncond: Condition | None,
     scale: float,
 ) -> torch.Tensor:
     """eps_uncond + scale * (eps_cond - eps_uncond), both from one batched call (uncond first, as diffusers)."""
     if uncond is None or scale == 1.0:
         return denoiser(x, t.expand(x.shape[0]), cond)
-    out = denoiser(torch.cat([x, x]), t.expand(2 * x.shape[0]), torch.cat([uncond, cond]))
+    out = denoiser(torch.cat([x, x]), t.expand(2 * x.shape[0]), batch_conditions(uncond, cond))
     out_uncond, out_cond = out.chunk(2)
     return out_uncond + scale * (out_cond - out_uncond)
 
@@ -43,8 +52,8 @@ def sample_loop(
     denoiser: Denoiser,
     sampler: Sampler,
     noise: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None = None,
+    cond: Condition,
+    uncond: Condition | None = None,
     guidance: float = 1.0,
     steps: int = 50,
     generator=None,

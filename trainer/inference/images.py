@@ -43,3 +43,14 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None, mode: str 
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = arr[..., None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def load_label_map(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A one-channel label map (a segmentation PNG) as integer labels (1, 1, H, W), resized (nearest) to
+    (height, width) when given."""
+    img = Image.open(path)
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"{path}: a label map must be a one-channel (L or P) image, not {img.mode}")
+    if size is not None:
+        img = img.resize((size[1], size[0]), Image.NEAREST)
+    return torch.from_numpy(np.array(img, dtype=np.int64))[None, None]

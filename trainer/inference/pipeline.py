@@ -1,5 +1,10 @@
 """A trained latent diffusion model as one object: UNet + autoencoder + condition encoder + noise schedule,
-with text-to-image, image-to-image, inpainting and super-resolution generation, and our native export format.
+with generation for every conditioning mode, and our native export format.
+
+``generate(prompts, opts, **inputs)`` knows no kinds: each prompt is a raw condition of the model's encoder (a
+caption, a class id, a layout; a string is parsed by the encoder, so ``ldm-sample --prompt`` works for all) and
+``inputs`` are images the model's concat condition consumes (``low_res``, ``segmentation``, ``init_image`` +
+``mask``) or, for any model, ``init_image`` (image-to-image) and ``mask`` (blended inpainting).
 
 Native format (a folder): ``pipeline.json`` (component configs, latent scale factor, diffusion config) and one
 ``.safetensors`` file per component. Loading never runs pickled code and never downloads weights: each config
@@ -141,20 +146,22 @@ class LatentDiffusionPipeline:
         w = (opts.width or self.unet.config.sample_size * f) // f
         return (n, self.autoencoder.config.embed_dim, h, w)
 
+    def encode_conditions(self, conditions: list, dtype: torch.dtype) -> tuple:
+        """(context tokens, class labels or None) for raw conditions; strings are parsed by the encoder."""
+        raw = [self.text_encoder.parse(c) if isinstance(c, str) else c for c in conditions]
+        out = self.text_encoder(raw)
+        labels = out.labels if self.unet.config.num_classes > 0 else None
+        return out.tokens.to(dtype), labels
+
     @torch.no_grad()
     def generate_latents(
-        self,
-        prompts: list,
-        opts: GenerateOptions,
-        init_image: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        low_res: torch.Tensor | None = None,
-        progress: bool = False,
+        self, prompts: list, opts: GenerateOptions, progress: bool = False, **inputs: torch.Tensor | None
     ) -> torch.Tensor:
-        """Clean latents for ``prompts`` (strings, or class labels), one seed per prompt.
+        """Clean latents for ``prompts`` (raw conditions or strings), one seed per prompt.
 
-        ``init_image`` ([-1, 1]) starts image-to-image at ``opts.strength``; with ``mask`` (1 = repaint) it
-        inpaints; ``low_res`` ([-1, 1]) conditions a super-resolution model.
+        ``inputs``: what the model's concat condition consumes (``low_res`` and ``segmentation`` at any size:
+        the output size is ``opts.height`` x ``opts.width``); ``init_image`` ([-1, 1]) starts image-to-image at
+        ``opts.strength``, and with ``mask`` (1 = repaint) it inpaints.
         """
         if len(opts.seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(opts.seeds)} seeds")
@@ -163,9 +170,9 @@ class LatentDiffusionPipeline:
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in opts.seeds]
         shape = self._latent_shape(len(prompts), opts)
         noise = randn(shape, gens, dev, torch.float32).to(dtype)
-        cond = self.text_encoder(prompts).tokens.to(dtype)
+        cond = self.encode_conditions(prompts, dtype)
         null = self.text_encoder.null_conditions(len(prompts), opts.negative_prompt)
-        uncond = self.text_encoder(null).tokens.to(dtype) if opts.guidance != 1.0 else None
+        uncond = self.encode_conditions(null, dtype) if opts.guidance != 1.0 else None
         sampler = make_sampler(
             opts.sampler,
             self.schedule,
@@ -175,7 +182,6 @@ class LatentDiffusionPipeline:
             steps_offset=opts.steps_offset,
             set_alpha_to_one=opts.set_alpha_to_one,
         )
-        inputs = {"init_image": init_image, "mask": mask, "low_res": low_res}
         given = {k: v.to(dev) for k, v in inputs.items() if v is not None}
         consumed = self.concat.sampling_inputs() if self.concat is not None else frozenset()
         unused = set(given) - consumed - {"init_image", "mask"}
@@ -195,8 +201,9 @@ class LatentDiffusionPipeline:
             keep = 1.0 - F.interpolate(given["mask"].float(), size=shape[-2:], mode="nearest").to(dtype)
             inpaint = Inpaint(init, keep)
 
-        def denoiser(x, t, ctx):
-            return self.unet(x, t, ctx)
+        def denoiser(x, t, condition):
+            tokens, labels = condition
+            return self.unet(x, t, tokens, labels)
 
         strength = opts.strength if init is not None and inpaint is None else 1.0
         return sample_loop(

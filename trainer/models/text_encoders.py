@@ -1,12 +1,18 @@
-"""Condition encoders behind one interface: ``encoder(conditions) -> Conditioning(tokens, pooled, mask)``.
+"""Condition encoders behind one interface: ``encoder(conditions) -> Conditioning(tokens, pooled, mask, labels)``.
 
 * ``OpenCLIPTextEncoder`` — frozen OpenCLIP text tower, SD 2.x style (penultimate block, then ``ln_final``).
   Weights come from a pretrained tag (downloaded by open_clip in real runs) or a local checkpoint file; with
   neither it is randomly initialised (tests). Only the text tower is ever built.
 * ``TransformerTextEncoder`` — a transformer trained jointly with the UNet (the LDM paper's text-to-image).
-* ``ClassEmbedder`` — class labels (with a null class for classifier-free guidance).
+* ``ClassEmbedder`` — class labels (with a null class for classifier-free guidance): one token each for
+  cross-attention, and the labels themselves for a UNet with a label embedding (``unet.num_classes``).
 
-``trainable`` says whether the training engine optimizes the encoder; frozen ones stay outside DeepSpeed.
+The unconditional and layout encoders are in ``conditions.py``. Each encoder says which batch keys it reads
+(``batch_keys``), turns a training batch into its raw conditions (``conditions``: captions, labels, layouts; the
+samples the data marked ``dropped`` get the null condition) and a prompt string into one (``parse``: what
+``ldm-sample --prompt`` and ``eval.prompts`` give). ``trainable`` says whether the training engine optimizes the
+encoder; frozen ones stay outside DeepSpeed. ``num_labels`` is how many class labels its ``Conditioning.labels``
+take (0: it gives none).
 """
 
 from __future__ import annotations
@@ -31,28 +37,52 @@ LAYERS = {"penultimate": 1, "last": 0}  # text_encoder.layer: blocks skipped fro
 
 @runtime_checkable
 class ConditionEncoder(Protocol):
-    """What the UNet stage and the pipeline call: raw conditions (captions, labels) -> tokens to attend to.
-    Attributes: ``config``, ``context_dim`` (token width), ``trainable`` (optimized with the UNet)."""
+    """What the UNet stage and the pipeline call: raw conditions (captions, labels, layouts) -> tokens to attend
+    to (and labels). Attributes: ``config``, ``context_dim`` (token width), ``trainable`` (optimized with the
+    UNet), ``num_labels`` (class labels it gives the UNet's label embedding; 0: none)."""
 
     def forward(self, conditions: list) -> Conditioning: ...
 
-    def conditions(self, captions: list[str]) -> list:
-        """A batch's captions as this encoder's raw conditions."""
+    def batch_keys(self) -> frozenset[str]:
+        """The batch keys :meth:`conditions` reads (the data source must provide them)."""
+        ...
+
+    def conditions(self, batch: dict) -> list:
+        """A training batch's raw conditions; samples with ``batch["dropped"]`` set get the null condition."""
         ...
 
     def null_conditions(self, n: int, negative: str = "") -> list:
         """The unconditional (or negative) condition, ``n`` times, for classifier-free guidance."""
         ...
 
+    def parse(self, text: str) -> Any:
+        """A prompt string (``ldm-sample --prompt``, ``eval.prompts``) as a raw condition."""
+        ...
+
+
+def dropped(batch: dict) -> list[bool]:
+    """Which samples of a batch had their conditions dropped (none when the source does not say)."""
+    flags = batch.get("dropped")
+    return [False] * len(batch["key"]) if flags is None else [bool(f) for f in flags]
+
 
 class TextConditions:
-    """Captions are the conditions; the empty caption (or the negative prompt) is the null one."""
+    """Captions are the conditions (a dropped caption is already empty); the empty caption (or the negative
+    prompt) is the null one."""
 
-    def conditions(self, captions: list[str]) -> list:
-        return list(captions)
+    num_labels = 0
+
+    def batch_keys(self) -> frozenset[str]:
+        return frozenset({"caption"})
+
+    def conditions(self, batch: dict) -> list:
+        return list(batch["caption"])
 
     def null_conditions(self, n: int, negative: str = "") -> list:
         return [negative] * n
+
+    def parse(self, text: str) -> str:
+        return text
 
 
 @dataclass
@@ -60,6 +90,9 @@ class Conditioning:
     tokens: torch.Tensor  # (B, T, D): what the UNet cross-attends to
     pooled: torch.Tensor  # (B, D'): one vector per condition
     mask: torch.Tensor  # (B, T) bool: real (not padding) tokens
+    labels: torch.Tensor | None = (
+        None  # (B,) long: class labels for the UNet's label embedding, null included
+    )
 
 
 @dataclass
@@ -90,6 +123,9 @@ class ClassEmbedderConfig:
     num_classes: int = 1000
     dim: int = 512
     trainable: bool = True
+    key: str = (
+        "class_id"  # the batch key holding the labels (data.fields: [class_id]); "caption": parse captions
+    )
 
 
 def _tokenizer(context_length: int):
@@ -223,7 +259,8 @@ class TransformerTextEncoder(TextConditions, nn.Module):
 
 
 class ClassEmbedder(nn.Module):
-    """Class labels -> one token each; label ``num_classes`` (or -1) is the null class for guidance."""
+    """Class labels -> one token each, and the labels themselves (``Conditioning.labels``, for a UNet with
+    ``num_classes = num_classes + 1``); label ``num_classes`` (or -1) is the null class for guidance."""
 
     Config = ClassEmbedderConfig
 
@@ -232,13 +269,33 @@ class ClassEmbedder(nn.Module):
         fields.pop("_target_", None)
         cfg = config if config is not None else ClassEmbedderConfig(**fields)
         self.config, self.trainable, self.context_dim = cfg, cfg.trainable, cfg.dim
+        self.num_labels = cfg.num_classes + 1
         self.embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)
         if not self.trainable:
             self.requires_grad_(False)
 
-    def conditions(self, captions: list[str]) -> list:
-        """Class labels written as the caption text (an empty caption is the null class)."""
-        return [int(c) if c.strip() else -1 for c in captions]
+    def batch_keys(self) -> frozenset[str]:
+        return frozenset({self.config.key})
+
+    def parse(self, text: str) -> int:
+        """A label written as text ("7"); the empty string is the null class."""
+        text = str(text).strip()
+        if not text:
+            return -1
+        try:
+            label = int(text)
+        except ValueError:
+            raise ValueError(f"a class-conditional model takes class ids as prompts, got {text!r}") from None
+        if not -1 <= label < self.config.num_classes:
+            raise ValueError(
+                f"class {label} is outside 0..{self.config.num_classes - 1} (text_encoder.num_classes)"
+            )
+        return label
+
+    def conditions(self, batch: dict) -> list:
+        values = batch[self.config.key]
+        labels = [self.parse(v) if isinstance(v, str) else int(v) for v in values]
+        return [-1 if d else y for y, d in zip(labels, dropped(batch), strict=True)]
 
     def null_conditions(self, n: int, negative: str = "") -> list:
         return [-1] * n
@@ -247,6 +304,5 @@ class ClassEmbedder(nn.Module):
         y = torch.as_tensor(labels, device=self.embedding.weight.device).long()
         y = torch.where(y < 0, torch.full_like(y, self.config.num_classes), y)
         pooled = self.embedding(y)
-        return Conditioning(
-            pooled[:, None], pooled, torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
-        )
+        ones = torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
+        return Conditioning(pooled[:, None], pooled, ones, labels=y)

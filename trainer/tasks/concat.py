@@ -1,6 +1,10 @@
 """Conditioning by concatenation (``task.concat._target_``): extra UNet input channels appended to the noisy
-latents, in training and in sampling. Inpainting (mask + latents of the masked image, as SD's inpainting model)
-and super-resolution (the low-resolution image at latent resolution, as LDM's SR models)."""
+latents, in training and in sampling. Inpainting (mask + latents of the masked image, as SD's inpainting model),
+super-resolution (the low-resolution image at latent resolution, as LDM's SR models) and semantic synthesis
+(the segmentation map, one channel per class, at latent resolution, as LDM's semantic models).
+
+The extra channels are computed at whatever latent size is sampled, so a model sampled beyond its training size
+(a larger low-resolution image, a larger segmentation map) gets its condition at that size."""
 
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ class ConcatCondition(Protocol):
         ...
 
     def sampling_inputs(self) -> frozenset[str]:
-        """The ``generate`` arguments this condition consumes (``mask``, ``low_res``, ``init_image``)."""
+        """The ``generate`` arguments this condition consumes (``mask``, ``low_res``, ``init_image``,
+        ``segmentation``)."""
         ...
 
     def sampling_input(self, shape: tuple[int, ...], encode: Encode, inputs: dict) -> torch.Tensor:
@@ -124,3 +129,49 @@ class SuperResConcat:
         if low is None:
             raise ValueError("this is a super-resolution model: give a low-resolution image")
         return F.interpolate(low.float(), size=shape[-2:], mode="bicubic")
+
+
+@dataclass
+class SemanticConfig:
+    _target_: str = "trainer.tasks.concat.SemanticConcat"
+    num_classes: int = (
+        25  # label values in the maps: 0 .. num_classes - 1 (synthetic shapes: background + 24)
+    )
+    key: str = "seg"  # the batch key of the segmentation map (data.maps: [seg.png])
+
+
+class SemanticConcat:
+    """The segmentation map as one channel per class, each the fraction of a latent cell that class covers."""
+
+    Config = SemanticConfig
+
+    def __init__(self, config: SemanticConfig | None = None):
+        self.config = config or SemanticConfig()
+
+    def channels(self, latent_channels: int) -> int:
+        return self.config.num_classes
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({self.config.key})
+
+    def one_hot(self, labels: torch.Tensor, size) -> torch.Tensor:
+        """Integer maps (B, 1, H, W) -> class fractions (B, num_classes, *size)."""
+        labels = labels.long()[:, 0]
+        top = int(labels.max())
+        if top >= self.config.num_classes or int(labels.min()) < 0:
+            raise ValueError(f"segmentation label {top} is outside 0..{self.config.num_classes - 1} "
+                             "(task.concat.num_classes)")  # fmt: skip
+        onehot = F.one_hot(labels, self.config.num_classes).permute(0, 3, 1, 2).float()
+        return F.interpolate(onehot, size=tuple(size), mode="area")
+
+    def training_input(self, batch, images, latents, encode, generator):
+        return self.one_hot(batch[self.config.key].to(latents.device), latents.shape[-2:])
+
+    def sampling_inputs(self) -> frozenset[str]:
+        return frozenset({"segmentation"})
+
+    def sampling_input(self, shape, encode, inputs):
+        seg = inputs.get("segmentation")
+        if seg is None:
+            raise ValueError("this is a semantic synthesis model: give a segmentation map (integer labels)")
+        return self.one_hot(seg, shape[-2:])

@@ -1,6 +1,11 @@
 """The UNet stage (``task=unet``): latents from the frozen autoencoder (encoded on the fly from images, or read
-from latent shards), conditions from the text/class encoder, the diffusion objective on the UNet inside
-DeepSpeed."""
+from latent shards), conditions from the condition encoder (text, class labels, layouts, none) and the concat
+condition (inpainting, super-resolution, semantic maps), the diffusion objective on the UNet inside DeepSpeed.
+
+The latent scale factor comes from the data (latent shards record the one ``ldm-precompute`` measured), else
+from the autoencoder's weights when they record one (a diffusers VAE's ``scaling_factor``, our export), else
+from ``autoencoder.scale_factor`` when it is set (> 0), else it is measured here as precompute does: 1 / std of
+posterior samples of the first ``task.scale_samples`` training images, on rank 0, and sent to every rank."""
 
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ from data_pipeline.atomic import atomic_json, atomic_save
 
 from ..config import ConfigError, build, config_dict, to_dataclass
 from ..diffusion.objectives import Diffusion, DiffusionObjective
+from ..engine import distributed as D
 from ..engine.deepspeed_setup import make_engine, set_lr
 from ..engine.deepspeed_setup import step as engine_step
 from ..inference.pipeline import GenerateOptions, LatentDiffusionPipeline
-from ..models.autoencoder import Autoencoder
+from ..models.autoencoder import Autoencoder, measure_scale_factor
 from ..models.text_encoders import ConditionEncoder
 from ..models.unet import UNetModel
 from ..models.weights import load_autoencoder_weights, load_unet_weights
@@ -35,11 +41,14 @@ log = logging.getLogger(__name__)
 class UNetTaskConfig:
     _target_: str = "trainer.tasks.unet.UNetTask"
     sample_posterior: bool = True  # learn posterior samples (LDM) rather than the posterior means
-    concat: Any = None  # extra input channels: trainer.tasks.concat.InpaintConcat | SuperResConcat
+    concat: Any = (
+        None  # extra input channels: trainer.tasks.concat.InpaintConcat | SuperResConcat | SemanticConcat
+    )
+    scale_samples: int = 1024  # images the latent scale factor is measured on (when nothing records it)
 
 
 class DiffusionModel(nn.Module):
-    """What the engine wraps: the UNet and, when it is trained too, the text encoder."""
+    """What the engine wraps: the UNet and, when it is trained too, the condition encoder."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
         super().__init__()
@@ -47,10 +56,16 @@ class DiffusionModel(nn.Module):
         if text_encoder is not None:
             self.text_encoder = text_encoder
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context=None, conditions: list | None = None):
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context=None, labels=None, conditions: list | None = None
+    ):
+        """``conditions`` (raw, for a trained encoder) or ``context`` tokens (and ``labels``); the labels reach
+        the UNet's label embedding when it has one (``unet.num_classes``)."""
         if conditions is not None:
-            context = self.text_encoder(conditions).tokens
-        return self.unet(x, t, context.to(x.dtype))
+            out = self.text_encoder(conditions)
+            context, labels = out.tokens, out.labels
+        y = labels if self.unet.config.num_classes > 0 else None
+        return self.unet(x, t, context.to(x.dtype), y)
 
 
 class UNetTask:
@@ -101,7 +116,7 @@ class UNetTask:
 
     def build_models(self, cfg) -> dict[str, nn.Module]:
         autoencoder = build(cfg.autoencoder, "autoencoder", Autoencoder)
-        self.recorded_scale = autoencoder.config.scale_factor
+        self.recorded_scale = autoencoder.config.scale_factor or None  # 0: not known, measure it
         if cfg.weights.autoencoder:
             self.recorded_scale = (
                 load_autoencoder_weights(autoencoder, cfg.weights.autoencoder) or self.recorded_scale
@@ -115,6 +130,12 @@ class UNetTask:
                 f"unet.context_dim={unet.config.context_dim} but the text encoder gives "
                 f"{text_encoder.context_dim}-dim tokens"
             )
+        if unet.config.num_classes and unet.config.num_classes != text_encoder.num_labels:
+            raise ConfigError(
+                f"unet.num_classes={unet.config.num_classes} but the condition encoder gives "
+                f"{text_encoder.num_labels} class labels (text_encoder=class with num_classes="
+                f"{unet.config.num_classes - 1}: the last label is its null class)"
+            )
         if cfg.weights.unet:
             load_unet_weights(unet, cfg.weights.unet)
         return {"autoencoder": autoencoder, "text_encoder": text_encoder, "unet": unet}
@@ -126,15 +147,22 @@ class UNetTask:
         cfg, device = ctx.cfg, ctx.device
         self.cfg, self.device, self.rank, self.world = cfg, device, ctx.rank, ctx.world_size
         self.dtype = ctx.precision.dtype
-        missing = self.concat.needs() - ctx.data.batch_keys() if self.concat else set()
-        if missing:
-            raise ConfigError(
-                f"task.concat needs {sorted(missing)} in each batch: train it from image shards"
-            )
+        have = ctx.data.batch_keys()
+        needs = {
+            "task.concat": self.concat.needs() if self.concat is not None else frozenset(),
+            "text_encoder": models["text_encoder"].batch_keys(),
+        }
+        for key, keys in needs.items():
+            if keys - have:
+                raise ConfigError(
+                    f"{key} needs {sorted(keys - have)} in each batch but the data gives {sorted(have)}: "
+                    "train it from image shards that hold them (data.fields, data.maps)"
+                )
         self.autoencoder = models["autoencoder"].to(device).eval().requires_grad_(False)
         ctx.data.check_autoencoder(fingerprint(self.autoencoder))
-        self.scale_factor = ctx.data.scale_factor() or self.recorded_scale
-        self.stored_latents = "latent_mean" in ctx.data.batch_keys()
+        self._generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + ctx.rank)
+        self.scale_factor = ctx.data.scale_factor() or self.recorded_scale or self.measure_scale(ctx)
+        self.stored_latents = "latent_mean" in have
         self.text_encoder = models["text_encoder"].to(device)
         self.train_text = bool(self.text_encoder.trainable)
         module = DiffusionModel(models["unet"], self.text_encoder if self.train_text else None).to(device)
@@ -148,7 +176,18 @@ class UNetTask:
                 self.text_encoder.to(self.dtype)
         self.diffusion = Diffusion.from_node(cfg.diffusion)
         self.objective = DiffusionObjective(self.diffusion)
-        self._generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + ctx.rank)
+
+    def measure_scale(self, ctx: TaskContext) -> float:
+        """1 / std of posterior samples of the first ``scale_samples`` images (rank 0's own reading of the data,
+        separate from the training stream), the same on every rank."""
+        value = 0.0
+        if ctx.rank == 0:
+            loader = ctx.data.loader(0, 1)
+            g = torch.Generator(ctx.device).manual_seed(ctx.cfg.seed)
+            images = (images_to_model(b["image"], ctx.device, torch.float32, False) for b in loader)
+            value = measure_scale_factor(self.autoencoder, images, self.config.scale_samples, g)
+            log.info("latent scale factor measured on %d images: %.5f", self.config.scale_samples, value)
+        return D.all_reduce_sum([value], ctx.device)[0]
 
     def engines(self) -> dict:
         return {"model": self.engine}
@@ -182,13 +221,14 @@ class UNetTask:
         if "image" in batch:
             images = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
         latents = self.latents(batch, images)
-        conds = self.text_encoder.conditions(batch["caption"])
-        context = None
+        conds = self.text_encoder.conditions(batch)
+        context = labels = None
         if "text_tokens" in batch and not self.train_text:  # stored by ldm-precompute
             context = batch["text_tokens"].to(self.device, self.dtype)
         elif not self.train_text:
             with torch.no_grad():
-                context = self.text_encoder(conds).tokens.to(self.dtype)
+                out = self.text_encoder(conds)
+                context, labels = out.tokens.to(self.dtype), out.labels
         concat = None
         if self.concat is not None:
             concat = self.concat.training_input(batch, images, latents, self.encode, self._generator)
@@ -197,7 +237,9 @@ class UNetTask:
             z = z.to(self.dtype)
             if self.cfg.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
-            return self.engine(z, t, context=context, conditions=conds if self.train_text else None)
+            return self.engine(
+                z, t, context=context, labels=labels, conditions=conds if self.train_text else None
+            )
 
         loss, _ = self.objective.loss(model_fn, latents, self._generator, concat=concat)
         loss = perturb(loss, step)
