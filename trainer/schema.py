@@ -116,7 +116,7 @@ class TrainConfig:
     run_dir: str = "runs/${run_name}"
     seed: int = 0
     max_steps: int = 1000
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print the plan (parameters, FLOPs, ZeRO memory) and exit

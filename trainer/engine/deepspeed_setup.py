@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from ..schema import DeepSpeedConfig
@@ -54,7 +55,9 @@ def ds_config(
         "wall_clock_breakdown": False,
         **optim.ds_config(lr),
     }
-    return deep_merge(cfg, dict(ds.extra))
+    extra = ds.extra  # a DictConfig when it comes from Hydra: plain dicts, so nested overrides keep siblings
+    extra = OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else dict(extra)
+    return deep_merge(cfg, extra)
 
 
 def make_engine(
@@ -88,18 +91,34 @@ def grads_finite_stage0(engine) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
 
 
-def step(engine) -> bool:
+def step(engine, losses: list[torch.Tensor] | None = None) -> bool:
     """engine.step(); returns whether the update was applied (False: a non-finite step was dropped).
 
     ZeRO 1-3 detect a non-finite global gradient norm themselves, clear the gradients and skip the update.
     For ZeRO-0 we drop the gradients and advance the engine's micro-step counter as its step() would
-    (its gradient clipping fails on an all-None gradient list).
+    (its gradient clipping fails on an all-None gradient list). Under fp16 DeepSpeed's loss scaler handles
+    overflow at every stage: a step it skips while the step's ``losses`` were finite is loss scaling at work
+    (the scale was lowered), not a non-finite step, and counts as applied.
     """
     boundary = engine.is_gradient_accumulation_boundary()
-    if engine.zero_optimization_stage() == 0 and boundary and not grads_finite_stage0(engine):
+    fp16 = engine.fp16_enabled()
+    if not fp16 and engine.zero_optimization_stage() == 0 and boundary and not grads_finite_stage0(engine):
         for p in engine.module.parameters():
             p.grad = None
         engine.micro_steps += 1
         return False
     engine.step()
-    return engine.was_step_applied() if boundary else True
+    if not boundary:
+        return True
+    applied = engine.was_step_applied()
+    if not applied and fp16 and losses is not None:
+        return all(bool(torch.isfinite(loss).all()) for loss in losses)
+    return applied
+
+
+def loss_scale(engine) -> float | None:
+    """The current fp16 loss scale (None without loss scaling)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(opt.cur_scale if hasattr(opt, "cur_scale") else opt.loss_scale)

@@ -1,4 +1,8 @@
-"""Training precisions: the dtype of the module's weights and activations and what DeepSpeed is told."""
+"""Training precisions: the dtype of the module's weights and activations and what DeepSpeed is told.
+
+bf16 (the default of the GPU presets) needs no loss scaling. fp16, for cards without bf16 (V100, T4 and many
+inference cards), uses DeepSpeed's dynamic loss scaling: the loss is multiplied by a scale that halves when the
+scaled gradients overflow (that step is skipped) and doubles after ``loss_scale_window`` clean steps."""
 
 from __future__ import annotations
 
@@ -12,17 +16,26 @@ class Precision:
     name: str
     dtype: torch.dtype
     mixed: bool  # the engine holds 16-bit weights and keeps fp32 master weights in the optimizer
+    loss_scaling: bool = False  # DeepSpeed's dynamic loss scale (fp16)
 
     def ds_config(self) -> dict:
-        return {
-            "bf16": {"enabled": self.dtype == torch.bfloat16, "check_grad_overflow": True},
-            "fp16": {"enabled": False},
-        }
+        fp16 = {"enabled": False}
+        if self.loss_scaling:
+            fp16 = {
+                "enabled": True,
+                "loss_scale": 0,  # 0: dynamic
+                "initial_scale_power": 16,  # start at 2^16
+                "loss_scale_window": 1000,  # clean steps before the scale doubles
+                "hysteresis": 2,  # overflows tolerated before the scale halves
+                "min_loss_scale": 1,
+            }
+        return {"bf16": {"enabled": self.dtype == torch.bfloat16, "check_grad_overflow": True}, "fp16": fp16}
 
 
 PRECISIONS = {
     "fp32": Precision("fp32", torch.float32, mixed=False),
     "bf16": Precision("bf16", torch.bfloat16, mixed=True),
+    "fp16": Precision("fp16", torch.float16, mixed=True, loss_scaling=True),
 }
 
 

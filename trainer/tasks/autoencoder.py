@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, build, to_dataclass
-from ..engine.deepspeed_setup import make_engine, set_lr
+from ..engine.deepspeed_setup import loss_scale, make_engine, set_lr
 from ..engine.deepspeed_setup import step as engine_step
 from ..models.ae_loss import AutoencoderLoss, AutoencoderLossConfig
 from ..models.autoencoder import Autoencoder
@@ -73,6 +73,7 @@ class AutoencoderTask:
         self.fixed: torch.Tensor | None = None
         self._last_input: torch.Tensor | None = None
         self._logs: dict[str, torch.Tensor] = {}
+        self._losses: dict[str, list[torch.Tensor]] = {"model": [], "disc": []}  # this step's, per engine
         self.disc_active = False
         self.engine.module.autoencoder.decoder.conv_out.register_forward_pre_hook(self._keep_last_input)
 
@@ -105,22 +106,27 @@ class AutoencoderTask:
         g_loss, logs = self.loss.generator_loss(x, rec, reg, step, d_weight=d_weight)
         g_loss = perturb(g_loss, step)
         self.engine.backward(g_loss)
+        self._losses["model"].append(g_loss.detach())
         self._logs = {k: v.detach() for k, v in logs.items() if v.numel() == 1}
         self.disc_active = self.loss.disc_factor(step) > 0
         if self.disc_active:
             d_loss, d_logs = self.loss.discriminator_loss(x, rec, step, disc=self.disc)
             self.disc.backward(d_loss)
+            self._losses["disc"].append(d_loss.detach())
             self._logs.update(d_logs)
         return g_loss.detach()
 
     def optimizer_step(self) -> bool:
-        applied = engine_step(self.engine)
+        losses, self._losses = self._losses, {"model": [], "disc": []}
+        applied = engine_step(self.engine, losses["model"])
         if self.disc_active:
-            engine_step(self.disc)
+            engine_step(self.disc, losses["disc"])
         return applied
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {f"ae/{k}": v for k, v in self._logs.items()}
+        scale = loss_scale(self.engine)
+        extra = {} if scale is None else {"loss_scale": torch.tensor(scale)}
+        return {f"ae/{k}": v for k, v in (self._logs | extra).items()}
 
     @torch.no_grad()
     def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:

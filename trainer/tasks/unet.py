@@ -23,7 +23,7 @@ from data_pipeline.atomic import atomic_json, atomic_save
 from ..config import ConfigError, build, config_dict, to_dataclass
 from ..diffusion.objectives import Diffusion, DiffusionObjective
 from ..engine import distributed as D
-from ..engine.deepspeed_setup import make_engine, set_lr
+from ..engine.deepspeed_setup import loss_scale, make_engine, set_lr
 from ..engine.deepspeed_setup import step as engine_step
 from ..inference.pipeline import GenerateOptions, LatentDiffusionPipeline
 from ..models.autoencoder import Autoencoder, measure_scale_factor
@@ -176,6 +176,7 @@ class UNetTask:
                 self.text_encoder.to(self.dtype)
         self.diffusion = Diffusion.from_node(cfg.diffusion)
         self.objective = DiffusionObjective(self.diffusion)
+        self._losses: list[torch.Tensor] = []  # this step's micro-batch losses (fp16 overflow vs. non-finite)
 
     def measure_scale(self, ctx: TaskContext) -> float:
         """1 / std of posterior samples of the first ``scale_samples`` images (rank 0's own reading of the data,
@@ -244,16 +245,19 @@ class UNetTask:
         loss, _ = self.objective.loss(model_fn, latents, self._generator, concat=concat)
         loss = perturb(loss, step)
         self.engine.backward(loss)
+        self._losses.append(loss.detach())
         return loss.detach()
 
     def set_lr_factor(self, factor: float) -> None:
         set_lr(self.engine, self.lr * factor)
 
     def optimizer_step(self) -> bool:
-        return engine_step(self.engine)
+        losses, self._losses = self._losses, []
+        return engine_step(self.engine, losses)
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        return {}
+        scale = loss_scale(self.engine)
+        return {} if scale is None else {"loss_scale": torch.tensor(scale)}
 
     # -- samples and frozen parts ----------------------------------------------------------------------------
     def pipeline(self, unet: nn.Module | None = None) -> LatentDiffusionPipeline:
