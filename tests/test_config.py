@@ -94,3 +94,19 @@ def test_nested_targets_are_data_not_objects():
     import os
 
     assert not os.path.exists("/tmp/pwned-by-config")
+
+
+def test_sd15_dry_run_prints_the_plan_without_weights(tmp_path, capsys):
+    """The SD 1.x preset (CLIP ViT-L/14 through open_clip, SD 1.x UNet) composes and plans without any weight file."""
+    import json
+
+    from trainer.train import train
+
+    cfg = compose("train", ["experiment=sd15_512", "dry_run=true", "weights.autoencoder=/models/vae",
+                            f"run_dir={tmp_path}", "data.urls=/nonexistent/shards"])  # fmt: skip
+    assert cfg.text_encoder.model_name == "ViT-L-14-quickgelu" and cfg.text_encoder.layer == "last"
+    assert train(cfg) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 859_000_000 < plan["modules"]["unet"]["total"] < 860_000_000  # SD 1.x UNet: 859.5M
+    assert 122_000_000 < plan["modules"]["text_encoder"]["total"] < 124_000_000  # CLIP ViT-L/14 text: 123M
+    assert plan["modules"]["text_encoder"]["trainable"] == 0 and plan["latent_size"] == 64

@@ -105,6 +105,7 @@ class OpenCLIPConfig:
     layer: str = "penultimate"  # penultimate (SD 2.x) | last: the block whose output the UNet attends to
     trainable: bool = False
     model_config: dict[str, Any] = field(default_factory=dict)  # register an architecture under model_name
+    pad_id: int = 0  # the token after the end token: 0 (open_clip, SD 2.x) or 49407, the end token (SD 1.x)
 
 
 @dataclass
@@ -166,7 +167,10 @@ class OpenCLIPTextEncoder(TextConditions, nn.Module):
         arch = get_model_config(cfg.model_name)
         if arch is None:
             raise ValueError(f"text_encoder.model_name {cfg.model_name!r} is not an open_clip architecture")
-        self.text = _build_text_tower(arch["embed_dim"], arch["text_cfg"])
+        self.text = _build_text_tower(
+            arch["embed_dim"], arch["text_cfg"], quick_gelu=arch.get("quick_gelu", False)
+        )
+        self.quick_gelu = bool(arch.get("quick_gelu", False))
         if cfg.pretrained:
             self._load_pretrained(cfg, open_clip)
         self.tokenizer = _tokenizer(self.text.context_length)
@@ -195,11 +199,17 @@ class OpenCLIPTextEncoder(TextConditions, nn.Module):
         return super().train(mode and self.trainable)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(captions))
+        """Token ids, padded after the end token with ``pad_id``."""
+        ids = self.tokenizer(list(captions))
+        if self.config.pad_id:
+            ids = torch.where(ids == 0, torch.full_like(ids, self.config.pad_id), ids)
+        return ids
 
     def forward(self, captions: list[str]) -> Conditioning:
         t = self.text
         ids = self.tokenize(captions).to(t.token_embedding.weight.device)
+        ends = ids.argmax(dim=-1)  # the (first) end token: the highest id
+        real = torch.arange(ids.shape[1], device=ids.device)[None] <= ends[:, None]
         x = t.token_embedding(ids) + t.positional_embedding
         blocks = t.transformer.resblocks
         stop = len(blocks) - LAYERS[self.config.layer]
@@ -208,11 +218,11 @@ class OpenCLIPTextEncoder(TextConditions, nn.Module):
         tokens = t.ln_final(x)
         if stop < len(blocks):  # the pooled embedding is CLIP's: from the last block
             x = blocks[-1](x, attn_mask=t.attn_mask)
-        pooled = t.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        pooled = t.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ends]
         if t.text_projection is not None:
             proj = t.text_projection
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return Conditioning(tokens, pooled, ids != 0)
+        return Conditioning(tokens, pooled, real)
 
 
 class TransformerTextEncoder(TextConditions, nn.Module):
