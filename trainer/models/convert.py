@@ -226,8 +226,9 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
 
 
 def load_single_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Split a CompVis/Stability checkpoint (.safetensors, or .ckpt loaded with weights_only) into
-    ``{"unet": ..., "autoencoder": ..., "text_encoder": ...}`` state dicts in our key layout."""
+    """Split a CompVis/Stability checkpoint (.safetensors, or a .ckpt read by the restricted unpickler of
+    ``safe_pickle``: Lightning's pickled callbacks and hyper-parameters become inert stubs, nothing in the file
+    runs) into ``{"unet": ..., "autoencoder": ..., "text_encoder": ...}`` state dicts in our key layout."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -236,8 +237,14 @@ def load_single_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 
         sd = load_file(str(path))
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
+        from .safe_pickle import load_checkpoint
+
+        sd = load_checkpoint(path)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict):
+            raise KeyError(
+                f"{path} holds {type(sd).__name__}, not a state dict: not a Stable Diffusion checkpoint"
+            )
     parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "autoencoder": {}, "text_encoder": {}}
     prefixes = {
         "model.diffusion_model.": "unet",
@@ -247,6 +254,8 @@ def load_single_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     for key, value in sd.items():
         for prefix, part in prefixes.items():
             if key.startswith(prefix):
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{path}: weight {key!r} is {value!r}, not a tensor")
                 parts[part][key[len(prefix) :]] = value
     if not parts["unet"]:
         raise KeyError(f"{path} has no 'model.diffusion_model.*' weights: not a Stable Diffusion checkpoint")
