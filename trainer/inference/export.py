@@ -1,6 +1,7 @@
-"""Exports of training checkpoints (``ldm-export``): a UNet-stage checkpoint as our native pipeline format and
-a diffusers folder, an autoencoder-stage checkpoint as the files ``weights.autoencoder`` takes. ZeRO shards are
-consolidated with DeepSpeed's zero_to_fp32; the EMA weights are used when the checkpoint has them."""
+"""Exports of training checkpoints (``ldm-export``): a UNet-stage checkpoint (or a native export) in the formats
+asked for: our native pipeline format, a diffusers folder, a CompVis single file (formats.py); an
+autoencoder-stage checkpoint as the files ``weights.autoencoder`` takes. ZeRO shards are consolidated with
+DeepSpeed's zero_to_fp32; the EMA weights are used when the checkpoint has them."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from ..config import ConfigError, build, config_dict, offline
 from ..diffusion.objectives import Diffusion
 from ..engine.checkpoint import COMMITTED, latest_tag
 from ..models.autoencoder import Autoencoder, AutoencoderKL
-from ..models.convert import diffusers_unet_config, diffusers_vae_config, unet_to_diffusers, vae_to_diffusers
+from ..models.convert import diffusers_vae_config, vae_to_diffusers
 from ..models.text_encoders import ConditionEncoder
 from ..models.unet import UNetModel
 from ..tasks.base import Task
+from .formats import write_component, write_diffusers, write_single_file
 from .pipeline import LatentDiffusionPipeline
 
-DIFFUSERS_VERSION = "0.42.1"
+FORMATS = ("native", "diffusers", "single_file")  # ldm-export --format
+DEFAULT_FORMATS = frozenset({"native", "diffusers"})
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -101,64 +104,18 @@ def pipeline_from_checkpoint(
     return pipe.to(device)
 
 
-def _write_diffusers_component(folder: Path, class_name: str, config: dict, weights: dict) -> None:
-    sd = {k: v.contiguous() for k, v in weights.items()}
-    atomic_save(folder / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(sd, str(tmp)))
-    atomic_json(
-        folder / "config.json", {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}
-    )
+def check_formats(formats: frozenset[str], allowed: tuple[str, ...] = FORMATS) -> None:
+    unknown = set(formats) - set(allowed)
+    if unknown or not formats:
+        raise ValueError(f"--format {sorted(unknown) or '(none)'}: this export writes {', '.join(allowed)}")
 
 
-def scheduler_config(diffusion: Diffusion) -> dict:
-    """A DDIMScheduler config with our noise schedule and ``ldm-sample``'s DDIM settings (Stable Diffusion's:
-    steps offset 1, final alpha = alpha_bar[0]), so the export samples exactly as ``ldm-sample`` does."""
-    return {
-        "_class_name": "DDIMScheduler",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        **diffusion.schedule.diffusers_config(),
-        "prediction_type": diffusion.parameterization.diffusers_name,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-    }
-
-
-def write_diffusers(pipe: LatentDiffusionPipeline, out: Path) -> Path:
-    """unet/, vae/, scheduler/ and model_index.json (no text encoder: pass your own prompt embeddings)."""
-    ucfg, vcfg = pipe.unet.config, pipe.autoencoder.config
-    unet_sd = {k: v.float().cpu() for k, v in pipe.unet.state_dict().items()}
-    vae_sd = {k: v.float().cpu() for k, v in pipe.autoencoder.state_dict().items()}
-    _write_diffusers_component(
-        out / "unet", "UNet2DConditionModel", diffusers_unet_config(ucfg), unet_to_diffusers(unet_sd, ucfg)
-    )
-    _write_diffusers_component(
-        out / "vae",
-        "AutoencoderKL",
-        {**diffusers_vae_config(vcfg), "scaling_factor": pipe.scale_factor},
-        vae_to_diffusers(vae_sd, vcfg),
-    )
-    atomic_json(out / "scheduler" / "scheduler_config.json", scheduler_config(pipe.diffusion))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": [None, None],
-        "tokenizer": [None, None],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-    }
-    atomic_json(out / "model_index.json", index)
-    return out
-
-
-def export_autoencoder(folder: Path, out: Path, ema: bool = True) -> Path:
+def export_autoencoder(
+    folder: Path, out: Path, ema: bool = True, formats: frozenset[str] = DEFAULT_FORMATS
+) -> Path:
     """An autoencoder-stage checkpoint as ``autoencoder.safetensors`` + ``autoencoder.json`` (what
     ``weights.autoencoder`` takes) and, for KL models without attention, ``diffusers/vae``."""
+    check_formats(formats, ("native", "diffusers"))
     _, cfg = checkpoint_task(folder)
     model = build(cfg.autoencoder, "autoencoder", Autoencoder)
     model.load_state_dict(_part(trained_weights(folder, ema), "autoencoder"), strict=True)
@@ -171,9 +128,9 @@ def export_autoencoder(folder: Path, out: Path, ema: bool = True) -> Path:
         "weights": "ema" if uses_ema(folder, ema) else "raw",
     }
     atomic_json(out / "autoencoder.json", meta)
-    if not model.config.attn_resolutions and isinstance(model, AutoencoderKL):
+    if "diffusers" in formats and not model.config.attn_resolutions and isinstance(model, AutoencoderKL):
         sd = {k: v.float() for k, v in model.state_dict().items()}
-        _write_diffusers_component(
+        write_component(
             out / "diffusers" / "vae",
             "AutoencoderKL",
             diffusers_vae_config(model.config),
@@ -182,17 +139,38 @@ def export_autoencoder(folder: Path, out: Path, ema: bool = True) -> Path:
     return out
 
 
-def export_pipeline(folder: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
-    """A UNet-stage checkpoint as our native format (``pipeline.json`` + safetensors) and ``diffusers/``."""
-    pipe = pipeline_from_checkpoint(folder, "cpu", ema)
-    pipe.save(out)
-    if diffusers:
+def write_formats(pipe: LatentDiffusionPipeline, out: Path, formats: frozenset[str]) -> Path:
+    """``out/`` (native), ``out/diffusers/``, ``out/single_file/`` as asked."""
+    check_formats(formats)
+    if "native" in formats:
+        pipe.save(out)
+    if "diffusers" in formats:
         write_diffusers(pipe, out / "diffusers")
+    if "single_file" in formats:
+        write_single_file(pipe, out / "single_file")
     return out
 
 
-def export(path: str | Path, out: str | Path, ema: bool = True, diffusers: bool = True) -> Path:
-    """Export the checkpoint at ``path`` (a checkpoints folder: its latest) the way its stage exports."""
+def export_pipeline(
+    folder: Path, out: Path, ema: bool = True, formats: frozenset[str] = DEFAULT_FORMATS
+) -> Path:
+    """A UNet-stage checkpoint in ``formats`` (native: ``pipeline.json`` + safetensors; ``diffusers/``;
+    ``single_file/``)."""
+    check_formats(formats)
+    return write_formats(pipeline_from_checkpoint(folder, "cpu", ema), out, formats)
+
+
+def export(
+    path: str | Path, out: str | Path, ema: bool = True, formats: frozenset[str] = DEFAULT_FORMATS
+) -> Path:
+    """Export the checkpoint at ``path`` (a checkpoints folder: its latest) the way its stage exports, or
+    convert a native export (``pipeline.json``) to other formats."""
+    path, out = Path(path), Path(out)
+    if (path / "pipeline.json").is_file():
+        pipe = LatentDiffusionPipeline.load(path)
+        return write_formats(
+            pipe, out, frozenset(formats) - ({"native"} if out.resolve() == path.resolve() else set())
+        )
     folder = checkpoint_folder(path)
     task, _ = checkpoint_task(folder)
-    return task.export(folder, Path(out), ema=ema, diffusers=diffusers)
+    return task.export(folder, out, ema=ema, formats=frozenset(formats))

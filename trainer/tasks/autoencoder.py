@@ -142,7 +142,9 @@ class AutoencoderTask:
     def save_frozen(self, folder: Path) -> None:
         return None
 
-    def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
-        from ..inference.export import export_autoencoder
+    def export(
+        self, checkpoint: Path, out: Path, ema: bool = True, formats: frozenset[str] = frozenset()
+    ) -> Path:
+        from ..inference.export import DEFAULT_FORMATS, export_autoencoder
 
-        return export_autoencoder(checkpoint, out, ema)
+        return export_autoencoder(checkpoint, out, ema, formats or DEFAULT_FORMATS)

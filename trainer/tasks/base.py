@@ -85,6 +85,9 @@ class Task(Protocol):
         """Write the frozen modules (and what exports need of them) once per run."""
         ...
 
-    def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
-        """Write what users load from one of this stage's checkpoints (``ldm-export``)."""
+    def export(
+        self, checkpoint: Path, out: Path, ema: bool = True, formats: frozenset[str] = frozenset()
+    ) -> Path:
+        """Write what users load from one of this stage's checkpoints (``ldm-export --format``: native,
+        diffusers, single_file; empty: the stage's defaults)."""
         ...

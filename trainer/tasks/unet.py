@@ -292,7 +292,9 @@ class UNetTask:
             meta[name] = config_dict(module.config)
         atomic_json(folder / "frozen.json", meta)
 
-    def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:
-        from ..inference.export import export_pipeline
+    def export(
+        self, checkpoint: Path, out: Path, ema: bool = True, formats: frozenset[str] = frozenset()
+    ) -> Path:
+        from ..inference.export import DEFAULT_FORMATS, export_pipeline
 
-        return export_pipeline(checkpoint, out, ema, diffusers)
+        return export_pipeline(checkpoint, out, ema, formats or DEFAULT_FORMATS)
