@@ -29,7 +29,7 @@ STYLES = {
         layer="last",
         pad_id=49407,
         model_config={**_TINY_CFG, "quick_gelu": True},
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -86,12 +86,12 @@ def test_export_diffusers_loads_with_no_extra_argument_and_reproduces_ldm_sample
     assert isinstance(sd.text_encoder, CLIPTextModel) and sd.safety_checker is None
     ours = exported["pipe"].text_encoder
     ids = sd.tokenizer(
-        PROMPTS + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        [*PROMPTS, ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     )
-    assert torch.equal(ids.input_ids, ours.tokenize(PROMPTS + [""]))  # same BPE, start/end and padding
+    assert torch.equal(ids.input_ids, ours.tokenize([*PROMPTS, ""]))  # same BPE, start/end and padding
     with torch.no_grad():
         hf = sd.text_encoder(ids.input_ids).last_hidden_state
-        assert torch.allclose(hf, ours(PROMPTS + [""]).tokens, atol=1e-5)
+        assert torch.allclose(hf, ours([*PROMPTS, ""]).tokens, atol=1e-5)
     theirs = _theirs(sd, exported["index"])
     mine = exported["ours"]
     assert theirs.shape == mine.shape == (2, 32, 32, 3)
