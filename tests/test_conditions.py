@@ -117,3 +117,25 @@ def test_guidance_batches_token_and_label_conditions():
     tokens, labels = batch_conditions(uncond, cond)
     assert tokens.shape == (4, 1, 3) and labels.tolist() == [9, 9, 1, 2]
     assert batch_conditions((torch.ones(1, 1, 1), None), (torch.ones(1, 1, 1), None))[1] is None
+
+
+def test_scale_factor_recorded_with_the_weights_wins_over_measuring(tmp_path):
+    """The UNet stage takes the latent scale from the data (latent shards), else from the autoencoder's weights
+    when they record one, else from autoencoder.scale_factor when set; only then does it measure (None here)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from trainer.train import prepare
+
+    ae = model("autoencoder/tiny", seed=0)
+    save_file(ae.state_dict(), str(tmp_path / "autoencoder.safetensors"))
+    base = ["experiment=uncond_shapes", f"run_dir={tmp_path}", "data.urls=unused"]
+    for record, config_value, expected in ((0.37, 0.0, 0.37), (None, 0.0, None), (None, 0.25, 0.25)):
+        (tmp_path / "autoencoder.json").write_text(json.dumps({"scale_factor": record}))
+        cfg = compose(
+            "train", [*base, f"weights.autoencoder={tmp_path}", f"autoencoder.scale_factor={config_value}"]
+        )
+        parts = prepare(cfg, load_models=False, check_files=False)
+        parts.task.build_models(cfg)
+        assert parts.task.recorded_scale == expected

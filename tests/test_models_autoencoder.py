@@ -205,3 +205,20 @@ def test_lpips_backbone_comes_from_a_path_and_missing_weights_fail_clearly(tmp_p
     assert not any(p.requires_grad for p in metric.parameters())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert metric(x, x).abs().max() < 1e-6 and metric(x, -x).mean() > 0
+
+
+@pytest.mark.parametrize("f", [1, 2, 4, 8, 16, 32])
+def test_f_study_presets_downsample_by_their_f(f):
+    """autoencoder/kl_f{f} (LDM's f-study, f = 1 ... 32): a 256px image becomes (embed_dim, 256/f, 256/f) latents
+    and decodes back to 256px (built on the meta device: the real sizes, no memory)."""
+    from presets import preset
+
+    from trainer.config import build
+    from trainer.models.autoencoder import Autoencoder
+
+    with torch.device("meta"):
+        model = build(preset(f"autoencoder/kl_f{f}"), f"autoencoder/kl_f{f}", Autoencoder)
+        z = model.encode_latents(torch.empty(1, 3, 256, 256))
+        x = model.decode(z)
+    assert model.config.downsampling == f and model.config.scale_factor == 0.0  # measured from the data
+    assert z.shape == (1, model.config.embed_dim, 256 // f, 256 // f) and x.shape == (1, 3, 256, 256)

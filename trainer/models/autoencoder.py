@@ -255,7 +255,9 @@ class Autoencoder(nn.Module):
         self.config = cfg
         check_backend(cfg.attention)
         if cfg.downsampling not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"autoencoder: len(ch_mult) gives f={cfg.downsampling}; LDM studies f in 1, 2, 4, 8, 16, 32")
+            raise ValueError(
+                f"autoencoder: len(ch_mult) gives f={cfg.downsampling}; LDM studies f in 1, 2, 4, 8, 16, 32"
+            )
         self.encoder = Encoder(cfg, self.double_z)
         self.decoder = Decoder(cfg)
         zc = 2 * cfg.z_channels if self.double_z else cfg.z_channels
