@@ -19,8 +19,8 @@ from trainrun import events, losses, metrics, run
 
 from data_pipeline.images import ImageShards, ImageShardsConfig
 from data_pipeline.tario import iter_shard
-from trainer.config import build
 from trainer.cli.sample import main as ldm_sample
+from trainer.config import build
 from trainer.inference.export import checkpoint_folder, trained_weights
 from trainer.inference.pipeline import GenerateOptions, load_pipeline
 from trainer.models.autoencoder import Autoencoder, measure_scale_factor
