@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -27,6 +28,16 @@ from .urls import expand_shards, shards_digest
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader workers leave stop signals to the main process, which finishes its step, checkpoints and exits
+    (Slurm and torchrun signal every process: a worker dying first would take the step down with it)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 Decoder = Callable[[RawSample, int], dict]
 Collate = Callable[[list[dict]], dict]
 
@@ -263,6 +274,7 @@ class StreamingLoader:
             dataset,
             batch_size=None,
             num_workers=cfg.num_workers,
+            worker_init_fn=ignore_stop_signals,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
             **kwargs,
         )
