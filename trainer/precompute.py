@@ -33,7 +33,7 @@ from data_pipeline.tario import iter_shard
 from data_pipeline.transforms import caption_lines, crop_resize, sample_rng
 from data_pipeline.urls import expand_shards
 
-from .config import ConfigError, build, config_dict
+from .config import ConfigError, build, config_dict, to_dataclass
 from .engine import distributed as D
 from .engine.guards import PREEMPTED_MARKER, StopSignal, pause_forever
 from .models.autoencoder import Autoencoder
@@ -105,11 +105,6 @@ class Encoder:
     """The frozen models and the settings every output shard records."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        if cfg.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-        for key in ("batch_size", "scale_samples", "data.resolution"):
-            if OmegaConf.select(cfg, key) < 1:
-                raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least 1")
         self.dtype, self.flip = DTYPES[cfg.dtype], cfg.flip
         self.autoencoder = (
             build(cfg.autoencoder, "autoencoder", Autoencoder).to(device).eval().requires_grad_(False)
@@ -124,10 +119,6 @@ class Encoder:
                 raise ConfigError("store_text=true needs a text_encoder")
             self.text_encoder = build(cfg.text_encoder, "text_encoder", ConditionEncoder).to(device).eval()
         f = self.autoencoder.config.downsampling
-        if cfg.data.resolution % f:
-            raise ConfigError(
-                f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's downsampling f={f}"
-            )
         self.settings = {
             "autoencoder": fingerprint(self.autoencoder),
             "resolution": cfg.data.resolution,
@@ -187,10 +178,28 @@ def check_inputs(shards: list[str], out: Path) -> list[str]:
     return names
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a config that cannot work, before any process group, model or file."""
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    for key in ("batch_size", "scale_samples", "data.resolution", "data.num_workers"):
+        least = 0 if key == "data.num_workers" else 1
+        if OmegaConf.select(cfg, key) < least:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least {least}")
+    f = to_dataclass(cfg.autoencoder, "autoencoder", Autoencoder).downsampling
+    if cfg.data.resolution % f:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} is not divisible by the autoencoder's f={f}"
+        )
+    if cfg.store_text and cfg.text_encoder is None:
+        raise ConfigError("store_text=true needs a text_encoder")
+
+
 def precompute(cfg: DictConfig) -> int:
     """Encode the shards of ``cfg.data`` into ``cfg.out`` on every rank of the job; returns the exit code.
     On a stop signal each rank discards the shards it had not finished, rank 0 leaves ``out/PREEMPTED`` and
     the job exits 0 (a rerun continues from the finished shards)."""
+    check_config(cfg)
     env = D.detect()
     device = D.pick_device(cfg.device, env)
     D.init(env, device)
