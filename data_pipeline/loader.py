@@ -33,9 +33,32 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
     """DataLoader workers leave stop signals to the main process, which finishes its step, checkpoints and exits
-    (Slurm and torchrun signal every process: a worker dying first would take the step down with it)."""
+    (Slurm and torchrun signal every process: a worker dying first would take the step down with it). Workers
+    the main process leaves behind when it exits are killed (:func:`_kill_leftover_workers`), since the SIGTERM
+    multiprocessing would send them is ignored."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
+
+
+_cleanup_registered = False
+
+
+def worker_cleanup_at_exit() -> None:
+    """Once per process, at exit and before multiprocessing's own handler (atexit runs last-in first-out)."""
+    global _cleanup_registered
+    if not _cleanup_registered:
+        import atexit
+
+        atexit.register(_kill_leftover_workers)
+        _cleanup_registered = True
 
 
 Decoder = Callable[[RawSample, int], dict]
@@ -269,6 +292,7 @@ class StreamingLoader:
         )
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
+            worker_cleanup_at_exit()
             kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers}
         return DataLoader(
             dataset,

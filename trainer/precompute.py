@@ -26,7 +26,7 @@ from data_pipeline.atomic import atomic_json, atomic_write
 from data_pipeline.errors import SampleError
 from data_pipeline.images import ImageShardsConfig
 from data_pipeline.latents import RECORDS, LatentShardWriter, shard_record, write_manifest, write_null_text
-from data_pipeline.loader import ignore_stop_signals
+from data_pipeline.loader import ignore_stop_signals, worker_cleanup_at_exit
 from data_pipeline.lock import FolderLock
 from data_pipeline.samples import ImageLimits, caption_text, decode_rgb
 from data_pipeline.tario import iter_shard
@@ -223,6 +223,7 @@ def precompute(cfg: DictConfig) -> int:
             if i % env.world_size == env.rank and shard_record(out, names[i], encoder.settings) is None]  # fmt: skip
     loader = DataLoader(_ShardImages(todo, cfg.data, cfg.batch_size), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(todo)), worker_init_fn=ignore_stop_signals)  # fmt: skip
+    worker_cleanup_at_exit()
     writers: dict[int, LatentShardWriter] = {}
     bar = tqdm(desc=f"precompute rank {env.rank}", unit="img", disable=not (cfg.progress and env.is_main))
     t0, images, done = None, 0, 0
