@@ -91,7 +91,8 @@ def test_a_stop_signal_to_any_process_checkpoints_once_and_exits_cleanly(tmp_pat
     step = preempted["step"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}", err[-3000:]
     assert (run_dir / "PREEMPTED").read_text().strip() == str(step)
-    assert "killed by signal" not in err and "Traceback" not in err, err[-3000:]
+    # no data worker died first, no rank failed (torchrun's agent itself reports the signal it got)
+    assert "DataLoader worker" not in err and "ChildFailedError" not in err and "ldm-train:" not in err, err[-3000:]
     run(
         run_dir, synth_shards, [*common[1:], f"max_steps={step + 3}"], nproc=nproc
     )  # resumes, every step once
@@ -139,19 +140,23 @@ def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_first(tmp_path, 
 def test_a_non_finite_streak_to_the_end_fails_instead_of_finishing(tmp_path, synth_shards):
     out = run(tmp_path, synth_shards, ["max_steps=30", "checkpoint.every=4", f"faults.nan_loss_at=[{','.join(map(str, range(6, 31)))}]",
                                        "guard.max_consecutive_bad=2", "guard.max_rollbacks=2"], nproc=1, check=False)  # fmt: skip
-    assert out.returncode == 3 and "rollbacks in a row" in out.stderr, out.stderr[-2000:]
-    assert len(events(metrics(tmp_path), "rollback")) == 3
+    assert out.returncode == 3 and "3 rollbacks in a row" in out.stderr, out.stderr[-2000:]
+    assert len(events(metrics(tmp_path), "rollback")) == 2  # the third one gave up
 
 
 def test_a_diverging_learning_rate_is_never_checkpointed_and_fails(tmp_path, synth_shards):
     out = run(tmp_path, synth_shards, ["max_steps=40", "checkpoint.every=1", "checkpoint.keep_last=0", "optim.lr=1e30",
                                        "guard.max_consecutive_bad=2", "guard.max_rollbacks=2"], nproc=1, check=False)  # fmt: skip
     assert out.returncode == 3, out.stderr[-2000:]
+    from trainer.inference.export import trained_weights
+
     rows = metrics(tmp_path)
-    dropped = [r["step"] for r in rows if r.get("step_applied") == 0]
-    saved = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
-    assert dropped and saved and max(saved) < min(dropped)  # nothing saved once the streak began
-    assert events(rows, "checkpoint_skipped")
+    applied = [r["step"] for r in rows if r.get("step_applied") == 1]
+    assert applied == [1] and events(rows, "checkpoint_skipped")  # every later step was non-finite
+    first = trained_weights(tmp_path / "checkpoints" / "step_00000001", ema=False)
+    for folder in (tmp_path / "checkpoints").glob("step_*"):  # saved only right after a rollback: the same state
+        weights = trained_weights(folder, ema=False)
+        assert all(torch.equal(weights[k], first[k]) for k in first), folder.name
 
 
 def test_a_full_disk_is_named_and_leaves_no_checkpoint_folder(tmp_path, synth_shards):

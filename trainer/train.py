@@ -117,7 +117,7 @@ def plan(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> int:
     """Train; returns the exit code (0 also after a stop signal: see engine/guards.py)."""
-    seed_everything(cfg.seed * 1000 + D.detect().rank)  # before the models are initialised
+    seed_everything(cfg.seed)  # the same initial weights on every rank (frozen modules are not broadcast)
     parts = prepare(cfg, load_models=not cfg.dry_run, check_files=not cfg.dry_run)
     if cfg.dry_run:
         print(json.dumps(plan(cfg), indent=2))
@@ -141,6 +141,7 @@ class Run:
         print(f"[ldm] rank {env.rank}/{env.world_size} on node {node} (local rank {env.local_rank}, "
               f"{env.launcher}, {self.device})", flush=True)  # fmt: skip
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        seed_everything(cfg.seed * 1000 + env.rank)  # each rank's own noise and dropout from here on
         self.lock = FolderLock(self.run_dir, "ldm-train run") if env.is_main else None
         if env.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
