@@ -10,7 +10,7 @@ import pytest
 import torch
 from presets import model as preset_model
 from safetensors.torch import save_file
-from trainrun import ROOT, TORCHRUN, env, metrics, run, wait_paused_then_kill
+from trainrun import ROOT, TORCHRUN, env, free_port, metrics, run, wait_paused_then_kill
 
 from data_pipeline.latents import LATENT_EXT, MANIFEST
 from data_pipeline.samples import ImageLimits, decode_rgb
@@ -47,7 +47,7 @@ def precompute_cmd(out, data, ae, extra=()) -> list[str]:
     return [
         TORCHRUN,
         "--nproc_per_node=2",
-        "--master_port=29733",
+        f"--master_port={free_port()}",
         "-m",
         "trainer.cli.precompute",
         f"out={out}",

@@ -244,7 +244,7 @@ def precompute(cfg: DictConfig) -> int:
             writers.pop(index).close(chunk["skipped"])
             done += 1
             if done == cfg.pause_after_shards and env.is_main:
-                pause_forever(out, f"after {done} shards")
+                pause_forever(out, f"after {done} shards", stop)
     bar.close()
     for writer in writers.values():  # stopped mid-shard: the shard is discarded, a rerun encodes it again
         writer.abort()

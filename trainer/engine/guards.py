@@ -80,11 +80,11 @@ class StopSignal:
         self.received = signum
 
 
-def pause_forever(run_dir: Path, what: str) -> None:
-    """Fault injection: tell the test where we are, then wait to be killed."""
+def pause_forever(run_dir: Path, what: str, stop: StopSignal | None = None) -> None:
+    """Fault injection: tell the test where we are, then wait to be killed (or, given ``stop``, signalled)."""
     (Path(run_dir) / "PAUSED").write_text(what)
-    while True:
-        time.sleep(1)
+    while stop is None or stop.received is None:
+        time.sleep(0.2)
 
 
 class InfGrad(torch.autograd.Function):
