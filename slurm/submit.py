@@ -26,6 +26,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data_pipeline.atomic import atomic_write
 from trainer.config import ConfigError, compose
 from trainer.engine.guards import PREEMPTED_MARKER
 
@@ -167,7 +168,7 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
     config_file = folder / f"{name}.yaml"
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(job_config_yaml(cfg, job, run_dir))
+        atomic_write(config_file, job_config_yaml(cfg, job, run_dir))
     q = shlex.quote
     py = q(python_of(launcher))
     tasks = launch.tasks(launcher)
@@ -202,7 +203,7 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
         resume_note=job.resume_note,
     )
     if write:
-        script_path.write_text(text)
+        atomic_write(script_path, text)
         script_path.chmod(0o755)
     return script_path, text
 

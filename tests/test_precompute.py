@@ -23,18 +23,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory):
-    """A (random) tiny autoencoder saved as our export: every run here uses these exact weights."""
-    folder = tmp_path_factory.mktemp("ae")
-    model = preset_model("autoencoder/tiny", seed=123)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
-    )
-    (folder / "autoencoder.json").write_text(json.dumps({"scale_factor": 0.5}))
-    return folder, model.eval()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory, synth_shards, corrupt_set):
     """The synthetic shards plus the hand-made corrupt ones."""
     folder = tmp_path_factory.mktemp("inputs")

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from test_precompute import precompute, precompute_cmd, read_latents, tiny_ae  # noqa: F401  (fixture)
+from test_precompute import precompute, precompute_cmd, read_latents
 from trainrun import ROOT, env
 
 from data_pipeline.latents import MANIFEST, unpack
@@ -33,7 +33,9 @@ def stored_shape(folder) -> tuple[int, ...]:
     return tuple(unpack(next(iter_shard(shard)))["mean"].shape)
 
 
-def test_a_rerun_with_other_settings_re_encodes_instead_of_trusting_old_shards(tmp_path, synth_shards, tiny_ae):
+def test_a_rerun_with_other_settings_re_encodes_instead_of_trusting_old_shards(
+    tmp_path, synth_shards, tiny_ae
+):
     ae, _ = tiny_ae
     out = tmp_path / "lat"
     precompute(out, synth_shards, ae, ["data.resolution=16"])
@@ -90,7 +92,9 @@ def test_a_stop_signal_keeps_finished_shards_and_the_rerun_completes_them(tmp_pa
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher, its ranks and their DataLoader workers
     proc.wait(timeout=300)  # (torchrun's agent itself exits non-zero after a signal; its ranks exit 0)
     err = proc.stdout.read()
-    assert err.count("stopped by a signal; finished shards are kept") == 2 and "ChildFailedError" not in err, err
+    assert (
+        err.count("stopped by a signal; finished shards are kept") == 2 and "ChildFailedError" not in err
+    ), err
     assert (stopped / "PREEMPTED").is_file() and not (stopped / MANIFEST).exists()
     assert not list(stopped.glob(".*.tmp-*"))  # the unfinished shards were discarded
     precompute(stopped, synth_shards, ae)

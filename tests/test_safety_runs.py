@@ -92,7 +92,9 @@ def test_a_stop_signal_to_any_process_checkpoints_once_and_exits_cleanly(tmp_pat
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}", err[-3000:]
     assert (run_dir / "PREEMPTED").read_text().strip() == str(step)
     # no data worker died first, no rank failed (torchrun's agent itself reports the signal it got)
-    assert "DataLoader worker" not in err and "ChildFailedError" not in err and "ldm-train:" not in err, err[-3000:]
+    assert "DataLoader worker" not in err and "ChildFailedError" not in err and "ldm-train:" not in err, err[
+        -3000:
+    ]
     run(
         run_dir, synth_shards, [*common[1:], f"max_steps={step + 3}"], nproc=nproc
     )  # resumes, every step once
@@ -154,7 +156,9 @@ def test_a_diverging_learning_rate_is_never_checkpointed_and_fails(tmp_path, syn
     applied = [r["step"] for r in rows if r.get("step_applied") == 1]
     assert applied == [1] and events(rows, "checkpoint_skipped")  # every later step was non-finite
     first = trained_weights(tmp_path / "checkpoints" / "step_00000001", ema=False)
-    for folder in (tmp_path / "checkpoints").glob("step_*"):  # saved only right after a rollback: the same state
+    for folder in (tmp_path / "checkpoints").glob(
+        "step_*"
+    ):  # saved only right after a rollback: the same state
         weights = trained_weights(folder, ema=False)
         assert all(torch.equal(weights[k], first[k]) for k in first), folder.name
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.args import OneLineParser, int_at_least
+from data_pipeline.atomic import atomic_save, atomic_write
 
 from ..inference.images import grid_image, load_image, save_images
 from ..inference.pipeline import GenerateOptions, load_pipeline
@@ -104,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         save_images(imgs, out, batch_names)
         images.append(imgs.cpu())
         names += batch_names
-    grid_image(torch.cat(images), nrow=args.num if args.num > 1 else None).save(out / "grid.png")
-    (out / "prompts.json").write_text(
+    grid = grid_image(torch.cat(images), nrow=args.num if args.num > 1 else None)
+    atomic_save(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(
+        out / "prompts.json",
         json.dumps(
             [{"file": n, "prompt": p, "seed": s} for n, (p, s) in zip(names, jobs, strict=True)], indent=1
-        )
+        ),
     )
     print(f"wrote {len(names)} images and grid.png to {out}")
     return 0
