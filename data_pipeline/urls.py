@@ -18,7 +18,11 @@ from webdataset.shardlists import expand_urls
 from .errors import ShardNotFoundError, ShardUrlError
 
 _GLOB_CHARS = "*?["
-KINDS = ("path", "pipe")
+# kind -> (what a URL of that kind must look like, in words); a path may be named anything, even "pipe:..."
+KINDS = {
+    "path": (lambda url: True, "is any file name"),
+    "pipe": (lambda url: url.startswith("pipe:"), "starts with 'pipe:'"),
+}
 
 
 class ShardUrl(str):
@@ -30,11 +34,10 @@ class ShardUrl(str):
 
     def __new__(cls, url: str, kind: str = "path") -> ShardUrl:
         if kind not in KINDS:
-            raise ValueError(f"shard URL kind must be one of {KINDS}, got {kind!r}")
-        if (kind == "pipe") != url.startswith("pipe:"):
-            raise ValueError(
-                f"a shard URL starts with 'pipe:' exactly when its kind is pipe, got {url!r} ({kind})"
-            )
+            raise ValueError(f"shard URL kind must be one of {sorted(KINDS)}, got {kind!r}")
+        looks_right, shape = KINDS[kind]
+        if not looks_right(url):
+            raise ValueError(f"a {kind} shard URL {shape}, got {url!r}")
         self = super().__new__(cls, url)
         self.kind = kind
         return self
