@@ -27,13 +27,14 @@ from safetensors.torch import save as save_tensors
 
 from .atomic import atomic_json, atomic_write
 from .config import StreamConfig
-from .errors import InputError, SampleError
+from .errors import InputError, RemoteShardError, SampleError
 from .loader import StreamingLoader
+from .remote import read_bytes
 from .samples import caption_text, metadata
 from .shards import AtomicShardWriter
 from .tario import RawSample
 from .transforms import choose_caption, sample_rng
-from .urls import expand_shards
+from .urls import ShardUrl, beside, expand_shards
 
 FORMAT = "ldm-latents/2"
 LATENT_EXT = "latents.safetensors"
@@ -136,13 +137,28 @@ def write_manifest(out: Path, names: list[str], settings: dict, scale_factor: fl
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a latent-shard folder, after checking its format version."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def _read(url: str) -> bytes | None:
+    """A file beside the shards (local or remote), or None when it is not there."""
+    try:
+        return read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except RemoteShardError as exc:
+        if exc.missing:
+            return None
+        raise LatentFormatError(f"cannot read {url}: {exc}") from None
+
+
+def read_manifest(where: str | Path) -> dict:
+    """The manifest of latent shards, after checking its format version. ``where`` is a local folder, or the
+    manifest's own URL (a :class:`~.urls.ShardUrl`, e.g. beside remote shards)."""
+    path = where if isinstance(where, ShardUrl) else ShardUrl(str(Path(where) / MANIFEST))
+    data = _read(path)
+    if data is None:
+        folder = path[: -len(MANIFEST) - 1] if path.endswith(MANIFEST) else path
         raise LatentFormatError(f"no {MANIFEST} in {folder}: these are not ldm-precompute latent shards")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
     except ValueError as exc:
         raise LatentFormatError(f"{path} is not valid JSON: {exc}") from None
     version = manifest.get("format") if isinstance(manifest, dict) else None
@@ -225,15 +241,16 @@ class LatentShards:
         self.manifest  # noqa: B018  (reads and checks it)
 
     @property
-    def folder(self) -> Path:
-        return Path(self.shards()[0]).parent
+    def folder(self) -> str:
+        """Where the (first) shards are: a local folder or a remote URL's folder."""
+        return beside(self.shards()[0], MANIFEST)[: -len(MANIFEST) - 1]
 
     @property
     def manifest(self) -> dict:
         """The checked manifest beside the (first) shards."""
         if self._manifest is None:
-            cfg, manifest = self.config, read_manifest(self.folder)
-            where = self.folder / MANIFEST
+            where = beside(self.shards()[0], MANIFEST)
+            cfg, manifest = self.config, read_manifest(where)
             resolution = manifest["settings"]["resolution"]
             if resolution != cfg.resolution:
                 raise LatentFormatError(
@@ -268,6 +285,10 @@ class LatentShards:
         manifest = self.manifest
         null_text = None
         if manifest["settings"]["text_tokens"]:
-            null_text = load_tensors((self.folder / NULL_TEXT).read_bytes())["text"]
+            where = beside(self.shards()[0], NULL_TEXT)
+            data = _read(where)
+            if data is None:
+                raise LatentFormatError(f"{where} is missing: the manifest says text tokens are stored")
+            null_text = load_tensors(data)["text"]
         decode = LatentDecoder(self.config, null_text)
         return StreamingLoader(self.config, decode, collate_latents, rank, world_size, self.shards())
