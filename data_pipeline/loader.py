@@ -93,25 +93,17 @@ class _ShardDataset(IterableDataset):
         counters = Counters.from_dict(self.counters[logical].to_dict())
         cfg, items = self.cfg, []
         for raw, epoch, cursor, errors in iter_raw(self.plan, slot, nslots, self.cursors[logical]):
-            for err in errors:
+            for err in errors:  # a corrupt, truncated or unreachable shard: one bad sample, like the others
                 counters.skip(err.reason)
                 log.warning("skipping: %s", err.detail)
+                self._check_bad_fraction(counters, logical, err.detail)
             if raw is None:
                 continue
             try:
                 item = self.decode(raw, epoch)
             except SampleError as exc:
                 counters.skip(exc.reason)
-                bad = counters.seen - counters.valid
-                if (
-                    counters.seen >= cfg.bad_fraction_min_samples
-                    and bad > cfg.max_bad_fraction * counters.seen
-                ):
-                    raise DataQualityError(
-                        f"{bad} of {counters.seen} samples were bad (> data.max_bad_fraction="
-                        f"{cfg.max_bad_fraction}) on rank {self.rank} worker {logical}: {counters.skipped}; "
-                        f"last: {exc}"
-                    ) from None
+                self._check_bad_fraction(counters, logical, str(exc))
                 continue
             counters.seen += 1
             counters.valid += 1
@@ -127,6 +119,15 @@ class _ShardDataset(IterableDataset):
                 }
                 items = []
                 yield batch
+
+    def _check_bad_fraction(self, counters: Counters, logical: int, last: str) -> None:
+        cfg = self.cfg
+        bad = counters.seen - counters.valid
+        if counters.seen >= cfg.bad_fraction_min_samples and bad > cfg.max_bad_fraction * counters.seen:
+            raise DataQualityError(
+                f"{bad} of {counters.seen} samples were bad (> data.max_bad_fraction={cfg.max_bad_fraction}) "
+                f"on rank {self.rank} worker {logical}: {counters.skipped}; last: {last}"
+            )
 
 
 def _dist_rank_world() -> tuple[int, int]:
