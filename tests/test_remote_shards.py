@@ -17,12 +17,25 @@ import sys
 
 import fsspec
 import pytest
+import torch
 from fsspec.implementations.local import LocalFileSystem
+from presets import model as preset_model
+from safetensors.torch import save_file
 from shardmaker import image_bytes, member_end, write_tar
 from shardserver import ShardServer
+from test_precompute import precompute_cmd
+from trainrun import ROOT, env
 
 from data_pipeline.errors import DataQualityError, ShardUrlError
 from data_pipeline.images import ImageShards, ImageShardsConfig
+from data_pipeline.latents import (
+    MANIFEST,
+    LatentShards,
+    LatentShardsConfig,
+    LatentShardWriter,
+    write_manifest,
+    write_null_text,
+)
 from data_pipeline.loader import Counters, sum_counters
 from data_pipeline.samples import ImageLimits
 from data_pipeline.tario import iter_shard
@@ -326,16 +339,6 @@ def test_remote_fsspec_schemes_stream_and_resume(served, tmp_path):
 
 
 def test_remote_latent_shards_read_their_manifest_over_http(tmp_path):
-    import torch
-
-    from data_pipeline.latents import (
-        LatentShards,
-        LatentShardsConfig,
-        LatentShardWriter,
-        write_manifest,
-        write_null_text,
-    )
-
     settings = {"autoencoder": "ae", "resolution": 64, "latent_shape": [4, 8, 8], "dtype": "fp16", "flip": False,
                 "text_tokens": True, "text_encoder": "te", "caption_key": "txt"}  # fmt: skip
     names = [f"{s:06d}.tar" for s in range(3)]
@@ -366,3 +369,52 @@ def test_remote_latent_shards_read_their_manifest_over_http(tmp_path):
         (tmp_path / "manifest.json").unlink()
         with pytest.raises(ValueError, match=r"no manifest.json in http://127\.0\.0\.1:\d+: these are not"):
             LatentShards(cfg).check()
+
+
+# -- ldm-precompute's input ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ae_export(tmp_path_factory):
+    """A (random) tiny autoencoder saved as our export."""
+    folder = tmp_path_factory.mktemp("ae")
+    model = preset_model("autoencoder/tiny", seed=123)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
+    )
+    (folder / "autoencoder.json").write_text(json.dumps({"scale_factor": 0.5}))
+    return folder
+
+
+@pytest.mark.slow
+def test_remote_precompute_reads_http_inputs_and_a_rerun_retries_a_lost_shard(
+    tmp_path, synth_shards, ae_export
+):
+    root = tmp_path / "served"
+    root.mkdir()
+    names = sorted(p.name for p in synth_shards.glob("*.tar"))[:4]
+    for name in names:
+        (root / name).write_bytes((synth_shards / name).read_bytes())
+    lost = names[2]
+    (root / lost).rename(root / "later.tar")  # a 404 on the first run
+    out = tmp_path / "lat"
+    with ShardServer(root) as srv:
+        srv.faults["/" + names[1]] = ["503", "503"]
+        srv.faults["/" + names[3]] = [f"drop:{40_000}"]
+        urls = srv.url("{" + ",".join(n.removesuffix(".tar") for n in names) + "}.tar")
+
+        def run():
+            cmd = [f"data.urls='{urls}'" if a.startswith("data.urls=") else a
+                   for a in precompute_cmd(out, "X", ae_export)]  # fmt: skip
+            res = subprocess.run(cmd, cwd=ROOT, env={**env(), **REMOTE_ENV}, capture_output=True, text=True,
+                                 timeout=600)  # fmt: skip
+            assert res.returncode == 0, res.stderr[-5000:]
+            return json.loads((out / MANIFEST).read_text())
+
+        manifest = run()
+        assert manifest["samples"] == 3 * 40 and manifest["skipped"] == {"remote_error": 1}
+        record = {r["shard"]: r for r in manifest["shards"]}
+        assert record[lost]["count"] == 0 and record[names[3]]["count"] == 40
+        (root / "later.tar").rename(root / lost)
+        srv.reset()
+        manifest = run()
+        assert manifest["samples"] == 4 * 40 and manifest["skipped"] == {}
+        assert [p for p, _ in srv.log] == ["/" + lost]  # only the lost shard was read again
