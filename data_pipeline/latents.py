@@ -29,6 +29,7 @@ from .atomic import atomic_json, atomic_write
 from .config import StreamConfig
 from .errors import InputError, RemoteShardError, SampleError
 from .loader import StreamingLoader
+from .rawtensors import Layouts, stack, tensor_bytes
 from .remote import read_bytes
 from .samples import caption_text, metadata
 from .shards import AtomicShardWriter
@@ -38,6 +39,7 @@ from .urls import ShardUrl, beside, expand_shards
 
 FORMAT = "ldm-latents/2"
 LATENT_EXT = "latents.safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the manifest's settings["dtype"]
 MANIFEST = "manifest.json"
 RECORDS = "_manifest"
 NULL_TEXT = "null_text.safetensors"
@@ -50,16 +52,6 @@ class LatentFormatError(InputError):
 # -- one sample ------------------------------------------------------------------------------------------------
 def pack(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({k: v.contiguous() for k, v in tensors.items()})
-
-
-def unpack(sample: RawSample) -> dict[str, torch.Tensor]:
-    data = sample.files.get(LATENT_EXT)
-    if not data:
-        raise SampleError("bad_latent", f"{sample.url}:{sample.key} has no .{LATENT_EXT}")
-    try:
-        return load_tensors(data)
-    except Exception as exc:
-        raise SampleError("bad_latent", f"{sample.url}:{sample.key}: {exc}") from None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -181,45 +173,86 @@ class LatentShardsConfig(StreamConfig):
 
 class LatentDecoder:
     """Raw latent sample -> {mean, std, caption, [text tokens]}: flip choice, caption choice and dropout,
-    seeded per sample like the image decoder (same draws in the same order when flips are off)."""
+    seeded per sample like the image decoder (same draws in the same order when flips are off).
 
-    def __init__(self, cfg: LatentShardsConfig, null_text: torch.Tensor | None = None):
-        self.cfg, self.null_text = cfg, null_text
+    The tensors stay byte ranges of the sample until :meth:`collate` copies a batch's into one tensor each
+    (see :mod:`.rawtensors`). Every sample's mean and std must have the dtype and shape of ``latent``
+    (``(dtype, shape)`` from the manifest; the first sample's when None) and, with ``null_text``, a text-token
+    row of its shape: anything else is a ``bad_latent`` sample, never a batch that cannot be stacked."""
+
+    def __init__(
+        self,
+        cfg: LatentShardsConfig,
+        null_text: torch.Tensor | None = None,
+        latent: tuple[torch.dtype, tuple[int, ...]] | None = None,
+    ):
+        self.cfg, self.null_text, self.latent = cfg, null_text, latent
+        self.text = None if null_text is None else (null_text.dtype, tuple(null_text.shape))
+        self._null = None if null_text is None else tensor_bytes(null_text)
+        self.layouts = Layouts()
+
+    def _bad(self, raw: RawSample, detail: str) -> SampleError:
+        return SampleError("bad_latent", f"{raw.url}:{raw.key}.{LATENT_EXT}: {detail}")
 
     def __call__(self, raw: RawSample, epoch: int) -> dict:
         cfg = self.cfg
+        data = raw.files.get(LATENT_EXT)
+        if not data:
+            raise SampleError("bad_latent", f"{raw.url}:{raw.key} has no .{LATENT_EXT}")
+        try:
+            layout = self.layouts.parse(data)
+        except ValueError as exc:
+            raise self._bad(raw, str(exc)) from None
         rng = sample_rng(cfg.seed, epoch, raw.key)
-        t = unpack(raw)
         text = caption_text(raw, cfg.caption_key)
-        flip = cfg.latent_flip and "mean_flip" in t and rng.random() < 0.5
-        mean, std = (t["mean_flip"], t["std_flip"]) if flip else (t["mean"], t["std"])
+        flip = cfg.latent_flip and "mean_flip" in layout and rng.random() < 0.5
+        mean, std = (
+            (layout.get("mean_flip"), layout.get("std_flip"))
+            if flip
+            else (layout.get("mean"), layout.get("std"))
+        )
+        if mean is None or std is None:
+            raise self._bad(raw, f"no mean/std among {sorted(layout)}")
+        self.latent = self.latent or (mean.dtype, mean.shape)
+        if (mean.dtype, mean.shape) != self.latent or (std.dtype, std.shape) != self.latent:
+            raise self._bad(
+                raw,
+                f"mean/std are {mean.dtype}{list(mean.shape)}, expected {self.latent[0]}{list(self.latent[1])}",
+            )
         index, caption = choose_caption(text, cfg.caption_choice, rng)
         dropped = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
-        item = {"mean": mean, "std": std, "caption": "" if dropped else caption, "key": raw.key}
+        view = memoryview(data)
         meta = metadata(raw)
-        item["size"] = tuple(meta.get("original_size", (0, 0)))
-        item["crop"] = tuple(meta.get("crop_top_left", (0, 0)))
-        if "text" in t:
-            if dropped and self.null_text is None:
-                raise SampleError(
-                    "bad_latent", f"{raw.url}: text tokens stored but no {NULL_TEXT} beside the shards"
+        item = {"mean": view[mean.start : mean.end], "std": view[std.start : std.end],
+                "caption": "" if dropped else caption, "key": raw.key,
+                "size": tuple(meta.get("original_size", (0, 0))), "crop": tuple(meta.get("crop_top_left", (0, 0)))}  # fmt: skip
+        if self.text is not None:
+            tokens = layout.get("text")
+            if tokens is None or (tokens.dtype, tokens.shape[1:]) != self.text or index >= tokens.shape[0]:
+                got = "none" if tokens is None else f"{tokens.dtype}{list(tokens.shape)}"
+                raise self._bad(
+                    raw,
+                    f"text tokens {got}, expected a row of {self.text[0]}{list(self.text[1])} per caption",
                 )
-            item["text"] = self.null_text if dropped else t["text"][index]
+            row = (tokens.end - tokens.start) // tokens.shape[0]
+            at = tokens.start + index * row
+            item["text"] = self._null if dropped else view[at : at + row]
         return item
 
-
-def collate_latents(items: list[dict]) -> dict:
-    batch = {
-        "latent_mean": torch.stack([it["mean"] for it in items]),
-        "latent_std": torch.stack([it["std"] for it in items]),
-        "caption": [it["caption"] for it in items],
-        "key": [it["key"] for it in items],
-        "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
-        "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
-    }
-    if "text" in items[0]:
-        batch["text_tokens"] = torch.stack([it["text"] for it in items])
-    return batch
+    def collate(self, items: list[dict]) -> dict:
+        """Stack decoded samples: ``latent_mean`` / ``latent_std`` ``(B, *latent_shape)``, ``text_tokens``."""
+        dtype, shape = self.latent
+        batch = {
+            "latent_mean": stack([it["mean"] for it in items], dtype, shape),
+            "latent_std": stack([it["std"] for it in items], dtype, shape),
+            "caption": [it["caption"] for it in items],
+            "key": [it["key"] for it in items],
+            "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
+            "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
+        }
+        if self.text is not None:
+            batch["text_tokens"] = stack([it["text"] for it in items], *self.text)
+        return batch
 
 
 class LatentShards:
@@ -290,5 +323,7 @@ class LatentShards:
             if data is None:
                 raise LatentFormatError(f"{where} is missing: the manifest says text tokens are stored")
             null_text = load_tensors(data)["text"]
-        decode = LatentDecoder(self.config, null_text)
-        return StreamingLoader(self.config, decode, collate_latents, rank, world_size, self.shards())
+        settings = manifest["settings"]
+        latent = (DTYPES[settings["dtype"]], tuple(settings["latent_shape"]))
+        decode = LatentDecoder(self.config, null_text, latent)
+        return StreamingLoader(self.config, decode, decode.collate, rank, world_size, self.shards())
