@@ -113,8 +113,9 @@ class _OpenShard:
 
 def iter_raw(
     plan: StreamPlan, slot: int, nslots: int, start: Cursor
-) -> Iterator[tuple[RawSample | None, int, Cursor, list[ShardError]]]:
-    """Yield ``(sample, epoch, cursor_after, shard_errors)`` forever, starting at ``start``.
+) -> Iterator[tuple[RawSample | None, int, tuple, list[ShardError]]]:
+    """Yield ``(sample, epoch, position_after, shard_errors)`` forever, starting at ``start``;
+    ``Cursor(*position_after)`` is the cursor after the sample.
 
     ``shard_errors`` lists shards found truncated, unreadable or failing (each one skipped sample), with the
     block's first sample. When resuming inside a block (``start.pos > 0``) the shards of ``start.cuts`` are
@@ -145,11 +146,11 @@ def iter_raw(
                 cuts: list[tuple[int, int]] = []
                 s, k, off = cur.shard, cur.skip, cur.offset
                 fruitless = 0  # shards in a row that gave nothing (resampled mode would spin forever)
+                if reader is not None and (reader.epoch, reader.shard, reader.next) != (epoch, s, k):
+                    reader.close()  # not where this block starts (a new epoch, or a resumed stream)
+                    reader = None
                 while len(block) < size:
-                    if reader is None or (reader.epoch, reader.shard, reader.next) != (epoch, s, k):
-                        if reader is not None:
-                            reader.close()
-                            reader = None
+                    if reader is None:
                         if shards is not None and s >= len(shards):
                             break
                         if fruitless > 2 * len(plan.shards) + 8:
@@ -176,9 +177,9 @@ def iter_raw(
                     quota is not None and cur.taken + len(block) >= quota
                 )
                 if end_of_epoch:
-                    after_block = Cursor(epoch + 1)
+                    after_block = (epoch + 1, 0, 0, 0, 0, 0, ())
                 else:
-                    after_block = Cursor(epoch, s, k, 0, cur.taken + len(block), off)
+                    after_block = (epoch, s, k, 0, cur.taken + len(block), off, ())
                 order = range(len(block))
                 if plan.shuffle_buffer > 1 and len(block) > 1:
                     order = (
@@ -190,14 +191,18 @@ def iter_raw(
                 errs = errors
                 if cur.pos >= len(block) and errs:
                     yield None, epoch, after_block, errs
-                done = tuple(cuts)
-                for i in range(cur.pos, len(block)):
-                    nxt = after_block
-                    if i + 1 < len(block):
-                        nxt = Cursor(epoch, cur.shard, cur.skip, i + 1, cur.taken, cur.offset, done)
+                done, n = tuple(cuts), len(block)
+                for i in range(
+                    cur.pos, n
+                ):  # positions as tuples: a Cursor is built per batch, not per sample
+                    nxt = (
+                        after_block
+                        if i + 1 == n
+                        else (epoch, cur.shard, cur.skip, i + 1, cur.taken, cur.offset, done)
+                    )
                     yield block[order[i]], epoch, nxt, errs
                     errs = []
-                cur = after_block
+                cur = Cursor(*after_block)
                 if end_of_epoch:
                     break
             if not got_any:

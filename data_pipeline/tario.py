@@ -31,7 +31,7 @@ _OCTAL = b"01234567"
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
 
-@dataclass
+@dataclass(slots=True)
 class RawSample:
     """One sample's undecoded files: extension -> bytes."""
 
@@ -292,17 +292,17 @@ def iter_shard(
         for name, data, end in iter_members(stream, offset):
             started = True
             key, ext = split_name(name)
+            if pending is not None and key == pending.key:  # the common case first
+                pending.files[ext.lower()] = data
+                pending.end = end
+                continue
             if key is None or key.rsplit("/", 1)[-1].startswith("__"):
                 continue
-            if pending is not None and key != pending.key:
+            if pending is not None:
                 if index >= skip:
                     yield pending
                 index += 1
-                pending = None
-            if pending is None:
-                pending = RawSample(key=key, url=url, index=index)
-            pending.files[ext.lower()] = data
-            pending.end = end
+            pending = RawSample(key, url, {ext.lower(): data}, index, end)
         if pending is not None and index >= skip:
             yield pending
     except (_Cut, _Garbled) as exc:
