@@ -14,9 +14,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from braceexpand import int_range_re, make_int_range
 from webdataset.shardlists import expand_urls
 
 from .errors import ShardNotFoundError, ShardUrlError
@@ -24,37 +26,78 @@ from .remote import RemoteOptions
 
 _GLOB_CHARS = "*?["
 _LIST_AT = 64  # from this many literal names in one spec, list their folders once instead of stat-ing each
+_SPECIAL = re.compile(r"pipe:|://|[*?\[$]")  # a pattern without these expands to literal local names only
+_ONE_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a pattern starting with a plain scheme
+_ONE_RANGE = re.compile(r"([^{}\\$]*)\{([^{}]*)\}([^{}\\$]*)")  # one brace group, no escapes or variables
 
-# kind -> (what a URL of that kind must look like, in words); a path may be named anything, even "pipe:..."
-KINDS: dict[str, tuple[Callable[[str], bool], str]] = {
-    "path": (lambda url: True, "is any file name"),
-    "pipe": (lambda url: url.startswith("pipe:"), "starts with 'pipe:'"),
-    "http": (lambda url: url.startswith(("http://", "https://")), "starts with http:// or https://"),
-    "fsspec": (lambda url: "://" in url, "has a scheme (scheme://...)"),
-}
 SCHEME_KINDS = {"http": "http", "https": "http"}  # any other scheme that fsspec knows is kind "fsspec"
 
 
 class ShardUrl(str):
-    """A shard URL with its kind (see :data:`KINDS`): ``path`` (a local file, opened as such whatever its
-    name), ``pipe`` (a ``pipe:CMD`` from the user's own spec, allowed by ``allow_pipe``), ``http`` or
-    ``fsspec`` (remote). It is a ``str``, so shard lists print, compare and digest as before; a plain ``str``
-    is always read as a path."""
+    """A shard URL with its kind: ``path`` (a local file, opened as such whatever its name), ``pipe`` (a
+    ``pipe:CMD`` from the user's own spec, allowed by ``allow_pipe``), ``http`` or ``fsspec`` (remote). It is a
+    ``str``, so shard lists print, compare and digest as before; a plain ``str`` is always read as a path.
 
-    kind: str
+    ``ShardUrl(url, kind)`` checks the URL has its kind's shape and returns an instance of the kind's subclass
+    (the kind is a class attribute: a 100,000-shard list costs no per-URL attribute dict)."""
+
+    __slots__ = ()
+    kind = ""
+    shape = ""  # what a URL of this kind looks like, in words
 
     def __new__(cls, url: str, kind: str = "path") -> ShardUrl:
-        if kind not in KINDS:
+        sub = KINDS.get(kind)
+        if sub is None:
             raise ValueError(f"shard URL kind must be one of {sorted(KINDS)}, got {kind!r}")
-        looks_right, shape = KINDS[kind]
-        if not looks_right(url):
-            raise ValueError(f"a {kind} shard URL {shape}, got {url!r}")
-        self = super().__new__(cls, url)
-        self.kind = kind
-        return self
+        if not sub.looks_right(url):
+            raise ValueError(f"a {kind} shard URL {sub.shape}, got {url!r}")
+        return str.__new__(sub, url)
+
+    @staticmethod
+    def looks_right(url: str) -> bool:
+        return False
 
     def __reduce__(self):  # keep the kind across pickling (spawned workers)
         return ShardUrl, (str(self), self.kind)
+
+
+class _Path(ShardUrl):
+    __slots__ = ()
+    kind, shape = "path", "is any file name"  # even "pipe:..." or one holding "://"
+
+    @staticmethod
+    def looks_right(url: str) -> bool:
+        return True
+
+
+class _Pipe(ShardUrl):
+    __slots__ = ()
+    kind, shape = "pipe", "starts with 'pipe:'"
+
+    @staticmethod
+    def looks_right(url: str) -> bool:
+        return url.startswith("pipe:")
+
+
+class _Http(ShardUrl):
+    __slots__ = ()
+    kind, shape = "http", "starts with http:// or https://"
+
+    @staticmethod
+    def looks_right(url: str) -> bool:
+        return url.startswith(("http://", "https://"))
+
+
+class _Fsspec(ShardUrl):
+    __slots__ = ()
+    kind, shape = "fsspec", "has a scheme (scheme://...)"
+
+    @staticmethod
+    def looks_right(url: str) -> bool:
+        return "://" in url
+
+
+KINDS: dict[str, type[ShardUrl]] = {c.kind: c for c in (_Path, _Pipe, _Http, _Fsspec)}
 
 
 def kind_of(url: str) -> str:
@@ -99,40 +142,73 @@ def _folder(path: Path) -> list[ShardUrl]:
     matches = sorted(str(p) for p in path.glob("*.tar"))
     if not matches:
         raise ShardNotFoundError(f"folder {str(path)!r} holds no .tar shard")
-    return [ShardUrl(m) for m in matches]
+    return [str.__new__(_Path, m) for m in matches]
 
 
-def _listings(paths: list[str]) -> dict[str, dict[str, os.DirEntry]]:
-    """Each folder's entries by name, listed once (a missing folder lists as empty)."""
-    out: dict[str, dict[str, os.DirEntry]] = {}
-    for folder in {os.path.dirname(p) or "." for p in paths}:
-        try:
-            with os.scandir(folder) as it:
-                out[folder] = {e.name: e for e in it}
-        except (FileNotFoundError, NotADirectoryError):
-            out[folder] = {}
-    return out
+def _as_path(name: str) -> str:
+    """``str(Path(name).expanduser())`` (the strings earlier versions digested), without building a Path for
+    a name pathlib leaves as it is (no ``~``, empty or ``.`` component, or trailing slash): ~15 us less per name."""
+    if (
+        name.startswith(("~", "./"))
+        or name.endswith(("/", "/."))
+        or "//" in name
+        or "/./" in name
+        or name in ("", ".")
+    ):
+        return str(Path(name).expanduser())
+    return name
+
+
+def _entries(folder: str) -> dict[str, os.DirEntry]:
+    """A folder's entries by name (empty when it does not exist)."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name: e for e in it}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
 
 
 def _local(names: list[str], item: str) -> list[ShardUrl]:
     """Literal local names (no glob characters) in order: files as paths, folders listed; any other name is
     :class:`ShardNotFoundError`. With many names, each folder is listed once rather than each name stat-ed
-    (100,000 stat calls take seconds on a shared filesystem)."""
-    paths = [str(Path(n).expanduser()) for n in names]
-    listed = _listings(paths) if len(paths) >= _LIST_AT else None
+    (100,000 stat calls take seconds on a shared filesystem), and the usual case, all of them files, is
+    checked in bulk."""
+    paths = [_as_path(n) for n in names]
+    if len(paths) >= _LIST_AT:
+        parts = [
+            (head or ("/" if sep else "."), base) for head, sep, base in (p.rpartition("/") for p in paths)
+        ]
+        listed = {folder: _entries(folder) for folder in {folder for folder, _ in parts}}
+        entries = [listed[folder].get(base) for folder, base in parts]
+        if all(e is not None and e.is_file() for e in entries):
+            return [str.__new__(_Path, p) for p in paths]
     out: list[ShardUrl] = []
     for path in paths:
-        if listed is not None:
-            entry = listed[os.path.dirname(path) or "."].get(os.path.basename(path))
-            is_file, is_dir = (entry.is_file(), entry.is_dir()) if entry is not None else (False, False)
-        else:
-            is_file, is_dir = os.path.isfile(path), os.path.isdir(path)
-        if is_file:
-            out.append(ShardUrl(path))
-        elif is_dir:
+        if os.path.isfile(path):
+            out.append(str.__new__(_Path, path))
+        elif os.path.isdir(path):
             out.extend(_folder(Path(path)))
         else:
             raise ShardNotFoundError(f"shard {path!r} (from {item!r}) does not exist")
+    return out
+
+
+def _expand(item: str) -> list[str]:
+    """WebDataset's expansion (``::``-separated patterns, ``${WDS_...}`` variables, brace expansion), with a
+    direct path for the usual ``prefix{00000..23295}suffix``: the same strings (braceexpand's own range
+    rule), ~20x faster than its generator pipeline for 100,000 names."""
+    out: list[str] = []
+    for part in item.split("::"):
+        match = _ONE_RANGE.fullmatch(part)
+        if match is None:
+            out += expand_urls(part)
+            continue
+        prefix, body, suffix = match.groups()
+        ends = int_range_re.match(body)
+        if ends is None:
+            out += expand_urls(part)
+            continue
+        out += [prefix + n + suffix for n in make_int_range(*ends.groups())]
     return out
 
 
@@ -154,8 +230,16 @@ def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[S
     schemes: dict[str, str] = {}
     for item in specs:
         item = str(item)
+        names = _expand(item)
+        if not _SPECIAL.search(item):  # expansion adds no character: every name is a literal local path
+            out.extend(_local(names, item))
+            continue
+        if _ONE_SCHEME.match(item) and "::" not in item and "$" not in item:  # every name has this scheme
+            kind = KINDS[_remote(names[0], schemes).kind]
+            out.extend(str.__new__(kind, url) for url in names)
+            continue
         literal: list[str] = []  # local names without glob characters, checked together
-        for url in expand_urls(item):
+        for url in names:
             if not (url.startswith("pipe:") or "://" in url or any(ch in url for ch in _GLOB_CHARS)):
                 literal.append(url)
                 continue
@@ -174,7 +258,7 @@ def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[S
                 matches = sorted(m for m in glob.glob(str(Path(url).expanduser())) if m.endswith(".tar"))
                 if not matches:
                     raise ShardNotFoundError(f"shard pattern {url!r} (from {item!r}) matches no .tar file")
-                out.extend(ShardUrl(m) for m in matches)
+                out.extend(str.__new__(_Path, m) for m in matches)
         out.extend(_local(literal, item))
     return out
 
