@@ -50,7 +50,7 @@ class ShardUrl(str):
         if sub is None:
             raise ValueError(f"shard URL kind must be one of {sorted(KINDS)}, got {kind!r}")
         if not sub.looks_right(url):
-            raise ValueError(f"a {kind} shard URL {sub.shape}, got {url!r}")
+            raise ValueError(f"a shard URL of kind {kind} {sub.shape}, got {url!r}")
         return str.__new__(sub, url)
 
     @staticmethod
