@@ -11,6 +11,8 @@ read, as ``remote_error``). The reader (:mod:`.tario`) opens each kind with its 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import hashlib
 import os
@@ -212,6 +214,19 @@ def _expand(item: str) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _no_gc_passes():
+    """Building 100,000 ShardUrls (instances of a class, so tracked by the cyclic GC) triggers dozens of full
+    collections over everything the process holds: ~4x the cost of building them. They create no cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[ShardUrl]:
     """Expand ``spec`` into shard URLs, in a stable order.
 
@@ -226,6 +241,11 @@ def expand_shards(spec: str | Sequence[str], allow_pipe: bool = False) -> list[S
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise ShardNotFoundError("data.urls is empty: give at least one shard path or pattern")
+    with _no_gc_passes():
+        return _expand_specs(specs, allow_pipe)
+
+
+def _expand_specs(specs: list, allow_pipe: bool) -> list[ShardUrl]:
     out: list[ShardUrl] = []
     schemes: dict[str, str] = {}
     for item in specs:
