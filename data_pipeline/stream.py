@@ -192,14 +192,9 @@ def iter_raw(
                 if cur.pos >= len(block) and errs:
                     yield None, epoch, after_block, errs
                 done, n = tuple(cuts), len(block)
-                for i in range(
-                    cur.pos, n
-                ):  # positions as tuples: a Cursor is built per batch, not per sample
-                    nxt = (
-                        after_block
-                        if i + 1 == n
-                        else (epoch, cur.shard, cur.skip, i + 1, cur.taken, cur.offset, done)
-                    )
+                inside = (epoch, cur.shard, cur.skip)  # positions are tuples: a Cursor is built per batch
+                for i in range(cur.pos, n):
+                    nxt = after_block if i + 1 == n else (*inside, i + 1, cur.taken, cur.offset, done)
                     yield block[order[i]], epoch, nxt, errs
                     errs = []
                 cur = Cursor(*after_block)

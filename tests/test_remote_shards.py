@@ -402,8 +402,9 @@ def test_remote_precompute_reads_http_inputs_and_a_rerun_retries_a_lost_shard(
         urls = srv.url("{" + ",".join(n.removesuffix(".tar") for n in names) + "}.tar")
 
         def run():
-            cmd = [f"data.urls='{urls}'" if a.startswith("data.urls=") else a
-                   for a in precompute_cmd(out, "X", ae_export)]  # fmt: skip
+            port = f"--master_port={20000 + (os.getpid() + 7) % 20000}"  # not test_precompute's fixed one
+            cmd = [f"data.urls='{urls}'" if a.startswith("data.urls=") else port if a.startswith("--master_port")
+                   else a for a in precompute_cmd(out, "X", ae_export)]  # fmt: skip
             res = subprocess.run(cmd, cwd=ROOT, env={**env(), **REMOTE_ENV}, capture_output=True, text=True,
                                  timeout=600)  # fmt: skip
             assert res.returncode == 0, res.stderr[-5000:]
