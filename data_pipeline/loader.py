@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +29,39 @@ from .urls import expand_shards, shards_digest
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader workers leave stop signals to the main process, which finishes its step, checkpoints and exits
+    (Slurm and torchrun signal every process: a worker dying first would take the step down with it). Workers
+    the main process leaves behind when it exits are killed (:func:`_kill_leftover_workers`), since the SIGTERM
+    multiprocessing would send them is ignored."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
+
+
+_cleanup_registered = False
+
+
+def worker_cleanup_at_exit() -> None:
+    """Once per process, at exit and before multiprocessing's own handler (atexit runs last-in first-out)."""
+    global _cleanup_registered
+    if not _cleanup_registered:
+        import atexit
+
+        atexit.register(_kill_leftover_workers)
+        _cleanup_registered = True
+
+
 Decoder = Callable[[RawSample, int], dict]
 Collate = Callable[[list[dict]], dict]
 
@@ -271,12 +305,14 @@ class StreamingLoader:
         )
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
+            worker_cleanup_at_exit()
             kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": cfg.persistent_workers}
         return DataLoader(
             dataset,
             batch_size=None,
             collate_fn=_as_is,
             num_workers=cfg.num_workers,
+            worker_init_fn=ignore_stop_signals,
             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
             **kwargs,
         )

@@ -57,6 +57,7 @@ class EvalConfig:
 @dataclass
 class GuardConfig:
     max_consecutive_bad: int = 3  # this many non-finite steps in a row roll back to the last checkpoint
+    max_rollbacks: int = 3  # more rollbacks than this with no good step in between end the run (exit code 3)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data_pipeline.atomic import atomic_save, atomic_write
 from data_pipeline.errors import REASONS
 from data_pipeline.loader import DataSource
+from data_pipeline.lock import FolderLock
 
 from .config import ConfigError, build
 from .diffusion.objectives import Diffusion
@@ -57,12 +58,23 @@ class Parts:
     models: dict[str, nn.Module]
 
 
+AT_LEAST = {  # numbers that must be at least this (a 0 would divide by zero or silently do nothing)
+    "max_steps": 1, "checkpoint.every": 1, "checkpoint.keep_last": 0, "logger.log_every": 1, "ema.every": 1,
+    "data.batch_size": 1, "data.num_workers": 0, "deepspeed.grad_accum": 1, "eval.every": 0, "eval.steps": 1,
+    "guard.max_consecutive_bad": 0, "guard.max_rollbacks": 0,
+}  # fmt: skip
+
+
 def check_schema(cfg: DictConfig) -> None:
-    """Strictly, again: Hydra's ``+key=value`` may have added keys the schema does not know."""
+    """Strictly, again: Hydra's ``+key=value`` may have added keys the schema does not know; then the numbers."""
     try:
         OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=False))
     except Exception as exc:
         raise ConfigError(f"config does not match the schema: {exc}") from None
+    for key, least in AT_LEAST.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < least:
+            raise ConfigError(f"{key}={value}: must be at least {least}")
 
 
 def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True) -> Parts:
@@ -105,7 +117,7 @@ def plan(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> int:
     """Train; returns the exit code (0 also after a stop signal: see engine/guards.py)."""
-    seed_everything(cfg.seed * 1000 + D.detect().rank)  # before the models are initialised
+    seed_everything(cfg.seed)  # the same initial weights on every rank (frozen modules are not broadcast)
     parts = prepare(cfg, load_models=not cfg.dry_run, check_files=not cfg.dry_run)
     if cfg.dry_run:
         print(json.dumps(plan(cfg), indent=2))
@@ -129,6 +141,8 @@ class Run:
         print(f"[ldm] rank {env.rank}/{env.world_size} on node {node} (local rank {env.local_rank}, "
               f"{env.launcher}, {self.device})", flush=True)  # fmt: skip
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        seed_everything(cfg.seed * 1000 + env.rank)  # each rank's own noise and dropout from here on
+        self.lock = FolderLock(self.run_dir, "ldm-train run") if env.is_main else None
         if env.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             atomic_write(self.run_dir / "config.yaml", self.config_yaml)
@@ -144,13 +158,14 @@ class Run:
             cfg, self.device, env.rank, env.world_size, parts.precision, parts.optim, parts.data
         )
         self.task.setup(ctx, parts.models)
-        if env.is_main:
-            self.task.save_frozen(self.ckpt_dir / "frozen")
+        self.task.save_frozen(self.ckpt_dir / "frozen", write=env.is_main)
         self.ema = EMA(cfg.ema.decay, cfg.ema.on_cpu, env.is_main) if cfg.ema.enabled else None
         if self.ema is not None:
             self.ema.initialize(self.task.ema_module(), cfg.deepspeed.zero_stage, parts.precision.mixed)
-        self.ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
-        self.guard = NonFiniteGuard(cfg.guard.max_consecutive_bad)
+        self.ckpt = Checkpointer(
+            self.ckpt_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, self.device
+        )
+        self.guard = NonFiniteGuard(cfg.guard.max_consecutive_bad, cfg.guard.max_rollbacks)
         self.stop = StopSignal()
         self.faults = Faults(cfg.faults, self.run_dir, env.rank, env.world_size)
         self.state = {"step": 0, "samples_seen": 0, "wandb_id": "", "nonfinite_steps": 0, "rollbacks": 0}
@@ -223,11 +238,10 @@ class Run:
         if cfg.eval.every and step % cfg.eval.every == 0:
             self.sample_grid(step)
         stopping = D.all_reduce_max(float(self.stop.received is not None), self.device) > 0
-        if (
-            stopping
-            or step % cfg.checkpoint.every == 0
-            or (step == cfg.max_steps and cfg.checkpoint.save_final)
-        ):
+        due = step % cfg.checkpoint.every == 0 or (step == cfg.max_steps and cfg.checkpoint.save_final)
+        if (stopping or due) and self.guard.in_streak:  # never save what a non-finite streak left behind
+            self.logger.event("checkpoint_skipped", step=step, reason="non-finite streak")
+        elif stopping or due:
             self.save(step)
         self.faults.pause_after_step(step)
         return stopping
@@ -239,7 +253,7 @@ class Run:
                 f"{self.guard.consecutive} non-finite steps in a row and no checkpoint to roll back to"
             )
         self._load(target, restore_data=False)
-        self.guard.rolled_back()
+        self.guard.rolled_back(step)
         self.logger.event("rollback", step=step, to=str(target), nonfinite_steps=self.guard.total)
 
     def metrics(self, losses: list, factor: float, step_time: float, wait: float, applied: bool) -> dict:

@@ -15,7 +15,8 @@ from data_pipeline.atomic import atomic_json, atomic_save
 
 from ..config import ConfigError, build, config_dict, offline
 from ..diffusion.objectives import Diffusion
-from ..engine.checkpoint import COMMITTED, latest_tag
+from ..engine.checkpoint import COMMITTED, newest
+from ..engine.safe_load import weights_only_loads
 from ..models.autoencoder import Autoencoder, AutoencoderKL
 from ..models.convert import diffusers_unet_config, diffusers_vae_config, unet_to_diffusers, vae_to_diffusers
 from ..models.text_encoders import ConditionEncoder
@@ -27,13 +28,14 @@ DIFFUSERS_VERSION = "0.42.1"
 
 
 def checkpoint_folder(path: str | Path) -> Path:
+    """A committed checkpoint folder, or a checkpoints folder's newest committed checkpoint."""
     path = Path(path)
     if (path / COMMITTED).is_file():
         return path
-    tag = latest_tag(path)
-    if tag is None:
-        raise FileNotFoundError(f"{path} holds no committed checkpoint (no 'latest' pointing at one)")
-    return path / tag
+    found = newest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no committed checkpoint")
+    return found
 
 
 def uses_ema(folder: Path, ema: bool = True) -> bool:
@@ -42,17 +44,20 @@ def uses_ema(folder: Path, ema: bool = True) -> bool:
 
 
 def trained_weights(folder: Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards."""
+    """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards.
+    Checkpoint files load with ``weights_only=True`` (a planted pickle is refused, never run)."""
     if uses_ema(folder, ema):
         return load_file(str(folder / "ema.safetensors"))
-    if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads(folder):
+        if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="model")
-    else:  # ZeRO-0 in fp32: the module states hold the full weights
-        sd = torch.load(
-            folder / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="model")
+        else:  # ZeRO-0 in fp32: the module states hold the full weights
+            sd = torch.load(
+                folder / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+            )
+            sd = sd["module"]
     return {k: v.float() for k, v in sd.items()}
 
 

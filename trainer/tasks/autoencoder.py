@@ -133,7 +133,7 @@ class AutoencoderTask:
         both = torch.cat([self.fixed.float(), rec.float()]) / 2 + 0.5
         return both.clamp(0, 1), "top: inputs, bottom: reconstructions"
 
-    def save_frozen(self, folder: Path) -> None:
+    def save_frozen(self, folder: Path, write: bool) -> None:
         return None
 
     def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:

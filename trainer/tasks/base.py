@@ -81,8 +81,9 @@ class Task(Protocol):
         """A grid's images in [0, 1] and its caption (every rank calls this: ZeRO-3 forwards gather)."""
         ...
 
-    def save_frozen(self, folder: Path) -> None:
-        """Write the frozen modules (and what exports need of them) once per run."""
+    def save_frozen(self, folder: Path, write: bool) -> None:
+        """Check the frozen modules against those this run was started with (every rank calls it: a resume
+        with another autoencoder is refused) and, with ``write`` (rank 0), save them once per run."""
         ...
 
     def export(self, checkpoint: Path, out: Path, ema: bool = True, diffusers: bool = True) -> Path:

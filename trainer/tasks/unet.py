@@ -4,6 +4,7 @@ DeepSpeed."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,14 @@ class UNetTask:
                 f"task.concat needs {sorted(missing)} in each batch: train it from image shards"
             )
         self.autoencoder = models["autoencoder"].to(device).eval().requires_grad_(False)
-        ctx.data.check_autoencoder(fingerprint(self.autoencoder))
+        self.fingerprints = {"autoencoder": fingerprint(self.autoencoder)}
+        ctx.data.check_autoencoder(self.fingerprints["autoencoder"])
         self.scale_factor = ctx.data.scale_factor() or self.recorded_scale
         self.stored_latents = "latent_mean" in ctx.data.batch_keys()
         self.text_encoder = models["text_encoder"].to(device)
         self.train_text = bool(self.text_encoder.trainable)
+        if not self.train_text:
+            self.fingerprints["text_encoder"] = fingerprint(self.text_encoder)
         module = DiffusionModel(models["unet"], self.text_encoder if self.train_text else None).to(device)
         self.lr = ctx.optim.config.lr
         self.engine = make_engine(
@@ -235,8 +239,23 @@ class UNetTask:
         self.engine.module.train()
         return images, " | ".join(prompts)
 
-    def save_frozen(self, folder: Path) -> None:
-        meta: dict[str, Any] = {"scale_factor": self.scale_factor}
+    def save_frozen(self, folder: Path, write: bool) -> None:
+        meta_file = folder / "frozen.json"
+        if meta_file.is_file():  # a resumed (or reused) run: the frozen parts must be the ones it began with
+            before = json.loads(meta_file.read_text())
+            now = {"scale_factor": self.scale_factor, **self.fingerprints}
+            then = {"scale_factor": before.get("scale_factor"), **before.get("fingerprints", {})}
+            changed = [k for k in now if then.get(k) != now[k]]
+            if changed:
+                raise ConfigError(
+                    f"{meta_file}: this run was trained with other {', '.join(changed)} ({then} now {now}): "
+                    "resuming would silently change what the UNet learned on; use a new run_dir, or the weights "
+                    "the run began with"
+                )
+            return
+        if not write:
+            return
+        meta: dict[str, Any] = {"scale_factor": self.scale_factor, "fingerprints": self.fingerprints}
         frozen = {"autoencoder": self.autoencoder} | (
             {} if self.train_text else {"text_encoder": self.text_encoder}
         )
