@@ -18,7 +18,7 @@ import sys
 import time
 
 from .args import OneLineParser, int_at_least
-from .errors import NoValidSampleError, ShardUrlError
+from .errors import InputError, NoValidSampleError, ShardUrlError
 from .samples import DEFAULT_MAX_PIXELS, ImageLimits
 from .urls import expand_shards
 
@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     _check(args)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ShardUrlError, NoValidSampleError) as exc:  # ShardNotFoundError included
+    except (
+        FileNotFoundError,
+        ShardUrlError,
+        NoValidSampleError,
+        InputError,
+    ) as exc:  # ShardNotFoundError too
         print(f"ldm-data: {exc}", file=sys.stderr)
         return 2
 

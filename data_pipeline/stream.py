@@ -7,16 +7,23 @@ from the whole list, and an epoch is ``epoch_samples / n`` samples per slot.
 
 A slot reads its stream in *blocks* of ``shuffle_buffer`` samples (crossing shard boundaries) and yields each
 block in a permuted order seeded by ``(seed, epoch, slot, where the block starts)``. A position in the stream
-is therefore a small :class:`Cursor` (epoch, shard, samples to skip in it, samples consumed from the block):
-resuming re-reads at most one block's bytes and decodes nothing it does not yield. The order of samples is a
-pure function of (seed, epoch, rank, world size, worker count).
+is therefore a small :class:`Cursor` (epoch, shard, samples to skip in it and the byte where they end, samples
+consumed from the block): resuming re-reads at most one block's bytes (from that byte: a remote shard is asked
+for a range) and decodes nothing it does not yield. The order of samples is a pure function of (seed, epoch,
+rank, world size, worker count).
+
+A shard stays open from one block to the next. A shard that ended early with an error (truncated, unreadable,
+or remote and still failing after the retries) is counted once, when the block that read it is first handed
+out; the cursor also records where each such shard of the current block stopped (``cuts``), so re-reading
+that block after a resume stops there again, even if a remote shard has become readable meanwhile: the resumed
+stream is the same as the uninterrupted one and no count is lost or doubled.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,20 +32,29 @@ from .tario import RawSample, ShardError, iter_shard
 
 @dataclass
 class Cursor:
-    """A slot's position: block starts at sample ``skip`` of shard ``shard``; ``pos`` of it are consumed."""
+    """A slot's position: block starts at sample ``skip`` of shard ``shard`` (at byte ``offset`` of it, 0 when
+    unknown); ``pos`` of it are consumed. ``cuts`` lists ``[shard, samples]`` for the shards of this block
+    that ended early with an error (their errors are already counted once ``pos`` > 0)."""
 
     epoch: int = 0
     shard: int = 0  # index into the epoch's shard sequence (the draw number when resampled)
     skip: int = 0
     pos: int = 0
     taken: int = 0  # samples consumed in this epoch (ends a resampled epoch)
+    offset: int = 0
+    cuts: tuple[tuple[int, int], ...] | None = ()  # None: unknown (a state saved before cuts were recorded)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        cuts = None if self.cuts is None else [list(c) for c in self.cuts]
+        return {"epoch": self.epoch, "shard": self.shard, "skip": self.skip, "pos": self.pos,
+                "taken": self.taken, "offset": self.offset, "cuts": cuts}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Cursor:
-        return cls(**{k: int(d[k]) for k in ("epoch", "shard", "skip", "pos", "taken")})
+        """Also reads states saved before ``offset`` and ``cuts`` existed."""
+        ints = {k: int(d.get(k, 0)) for k in ("epoch", "shard", "skip", "pos", "taken", "offset")}
+        cuts = d.get("cuts")
+        return cls(**ints, cuts=None if cuts is None else tuple((int(s), int(n)) for s, n in cuts))
 
 
 @dataclass(frozen=True)
@@ -54,10 +70,10 @@ class StreamPlan:
 
     def epoch_shards(self, epoch: int, slot: int, nslots: int) -> list[str]:
         """The shards slot ``slot`` reads in ``epoch`` (non-resampled mode)."""
-        order = np.arange(len(self.shards))
-        if self.shard_shuffle:
-            order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
-        return [self.shards[i] for i in order[slot::nslots]]
+        if not self.shard_shuffle:
+            return list(self.shards[slot::nslots])
+        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
+        return [self.shards[i] for i in order[slot::nslots].tolist()]
 
     def draw(self, epoch: int, slot: int, index: int) -> str:
         """The ``index``-th shard drawn with replacement by ``slot`` in ``epoch`` (resampled mode)."""
@@ -69,80 +85,126 @@ class StreamPlan:
         return math.ceil(self.epoch_samples / nslots)
 
 
+class _OpenShard:
+    """One shard being read, kept open across blocks. ``limit``: stop after this many samples (where an
+    earlier read of the same block stopped on an error)."""
+
+    def __init__(self, url: str, epoch: int, shard: int, skip: int, offset: int, limit: int | None):
+        self.epoch, self.shard, self.next, self.offset, self.limit = epoch, shard, skip, offset, limit
+        self.errors: list[ShardError] = []
+        self._samples = iter_shard(url, self.errors, skip, offset)
+
+    @property
+    def stopped_early(self) -> bool:
+        """It ended on an error, or where an earlier read of the block did."""
+        return bool(self.errors) or (self.limit is not None and self.next >= self.limit)
+
+    def take(self) -> RawSample | None:
+        if self.limit is not None and self.next >= self.limit:
+            return None
+        sample = next(self._samples, None)
+        if sample is not None:
+            self.next, self.offset = sample.index + 1, sample.end
+        return sample
+
+    def close(self) -> None:
+        self._samples.close()
+
+
 def iter_raw(
     plan: StreamPlan, slot: int, nslots: int, start: Cursor
-) -> Iterator[tuple[RawSample | None, int, Cursor, list[ShardError]]]:
-    """Yield ``(sample, epoch, cursor_after, shard_errors)`` forever, starting at ``start``.
+) -> Iterator[tuple[RawSample | None, int, tuple, list[ShardError]]]:
+    """Yield ``(sample, epoch, position_after, shard_errors)`` forever, starting at ``start``;
+    ``Cursor(*position_after)`` is the cursor after the sample.
 
-    ``shard_errors`` lists shards found truncated or unreadable while filling the block (each one skipped
-    sample). When resuming inside a block (``start.pos > 0``) they were already reported before the
-    checkpoint and are not reported again. ``sample`` is None only when a block held nothing but errors.
+    ``shard_errors`` lists shards found truncated, unreadable or failing (each one skipped sample), with the
+    block's first sample. When resuming inside a block (``start.pos > 0``) the shards of ``start.cuts`` are
+    read only as far as before and their errors, already reported, are not reported again (a state without
+    ``cuts``, from an older version, reports none of the block's errors again).
+    ``sample`` is None only when a block held nothing but errors.
     """
-    cur = Cursor(**start.to_dict())
-    report_errors = cur.pos == 0
-    while True:
-        epoch = cur.epoch
-        shards = None if plan.resampled else plan.epoch_shards(epoch, slot, nslots)
-        quota = plan.slot_quota(nslots) if plan.resampled else None
-        if shards is not None and not shards:
-            raise RuntimeError(
-                f"slot {slot} of {nslots} has no shard: use fewer workers/ranks or resampled mode"
-            )
-        got_any = False
-        while True:  # blocks of this epoch
-            size = max(1, plan.shuffle_buffer)
-            if quota is not None:
-                size = min(size, quota - cur.taken)
-            block: list[RawSample] = []
-            errors: list[ShardError] = []
-            s, k = cur.shard, cur.skip
-            gen = None
-            fruitless = 0  # shards in a row that gave nothing (resampled mode would spin forever)
-            while len(block) < size:
-                if gen is None:
-                    if shards is not None and s >= len(shards):
-                        break
-                    if fruitless > 2 * len(plan.shards) + 8:
-                        raise RuntimeError(f"slot {slot}: {fruitless} shard draws in a row gave no sample")
-                    url = shards[s] if shards is not None else plan.draw(epoch, slot, s)
-                    gen = iter_shard(url, errors, skip=k)
-                    fruitless += 1
-                sample = next(gen, None)
-                if sample is None:
-                    gen, s, k = None, s + 1, 0
-                    continue
-                block.append(sample)
-                fruitless = 0
-                k = sample.index + 1
-            if gen is not None:
-                gen.close()
-            end_of_epoch = (shards is not None and s >= len(shards)) or (
-                quota is not None and cur.taken + len(block) >= quota
-            )
-            after_block = Cursor(epoch + 1, 0, 0, 0, 0) if end_of_epoch else Cursor(epoch, s, k, 0, 0)
-            if not end_of_epoch:
-                after_block.taken = cur.taken + len(block)
-            errs = errors if report_errors else []
-            report_errors = True
-            order = range(len(block))
-            if plan.shuffle_buffer > 1 and len(block) > 1:
-                order = np.random.default_rng([plan.seed, epoch, slot, cur.shard, cur.skip]).permutation(
-                    len(block)
+    cur = start
+    legacy = start.pos > 0 and start.cuts is None
+    known = dict(start.cuts or ()) if start.pos > 0 else {}
+    reader: _OpenShard | None = None
+    try:
+        while True:
+            epoch = cur.epoch
+            shards = None if plan.resampled else plan.epoch_shards(epoch, slot, nslots)
+            quota = plan.slot_quota(nslots) if plan.resampled else None
+            if shards is not None and not shards:
+                raise RuntimeError(
+                    f"slot {slot} of {nslots} has no shard: use fewer workers/ranks or resampled mode"
                 )
-            got_any = got_any or bool(block) or cur.pos > 0
-            if cur.pos >= len(block) and errs:
-                yield None, epoch, after_block, errs
-            for i in range(cur.pos, len(block)):
-                nxt = after_block
-                if i + 1 < len(block):
-                    nxt = Cursor(epoch, cur.shard, cur.skip, i + 1, cur.taken)
-                yield block[int(order[i])], epoch, nxt, errs
-                errs = []
-            cur = after_block
-            if end_of_epoch:
-                break
-        if not got_any:
-            raise RuntimeError(
-                f"slot {slot} of {nslots} read no sample in epoch {epoch} from its shards "
-                f"({(shards or plan.shards)[:3]}...): are they empty or all corrupt?"
-            )
+            got_any = cur.shard > 0 or cur.skip > 0 or cur.pos > 0  # resumed after samples of this epoch
+            while True:  # blocks of this epoch
+                size = max(1, plan.shuffle_buffer)
+                if quota is not None:
+                    size = min(size, quota - cur.taken)
+                block: list[RawSample] = []
+                errors: list[ShardError] = []
+                cuts: list[tuple[int, int]] = []
+                s, k, off = cur.shard, cur.skip, cur.offset
+                fruitless = 0  # shards in a row that gave nothing (resampled mode would spin forever)
+                if reader is not None and (reader.epoch, reader.shard, reader.next) != (epoch, s, k):
+                    reader.close()  # not where this block starts (a new epoch, or a resumed stream)
+                    reader = None
+                while len(block) < size:
+                    if reader is None:
+                        if shards is not None and s >= len(shards):
+                            break
+                        if fruitless > 2 * len(plan.shards) + 8:
+                            raise RuntimeError(
+                                f"slot {slot}: {fruitless} shard draws in a row gave no sample"
+                            )
+                        url = shards[s] if shards is not None else plan.draw(epoch, slot, s)
+                        reader = _OpenShard(url, epoch, s, k, off, known.get(s))
+                        fruitless += 1
+                    sample = reader.take()
+                    if sample is None:  # the shard is done (or stopped where it stopped before)
+                        if reader.stopped_early:
+                            cuts.append((s, reader.next))
+                        if not legacy and (s not in known or reader.next < known[s]):
+                            errors += reader.errors  # new: not counted before the checkpoint
+                        reader.close()
+                        reader, s, k, off = None, s + 1, 0, 0
+                        continue
+                    block.append(sample)
+                    fruitless = 0
+                    k, off = reader.next, reader.offset
+                known, legacy = {}, False
+                end_of_epoch = (shards is not None and s >= len(shards)) or (
+                    quota is not None and cur.taken + len(block) >= quota
+                )
+                if end_of_epoch:
+                    after_block = (epoch + 1, 0, 0, 0, 0, 0, ())
+                else:
+                    after_block = (epoch, s, k, 0, cur.taken + len(block), off, ())
+                order = range(len(block))
+                if plan.shuffle_buffer > 1 and len(block) > 1:
+                    order = (
+                        np.random.default_rng([plan.seed, epoch, slot, cur.shard, cur.skip])
+                        .permutation(len(block))
+                        .tolist()
+                    )
+                got_any = got_any or bool(block) or cur.pos > 0
+                errs = errors
+                if cur.pos >= len(block) and errs:
+                    yield None, epoch, after_block, errs
+                done, n = tuple(cuts), len(block)
+                inside = (epoch, cur.shard, cur.skip)  # positions are tuples: a Cursor is built per batch
+                for i in range(cur.pos, n):
+                    nxt = after_block if i + 1 == n else (*inside, i + 1, cur.taken, cur.offset, done)
+                    yield block[order[i]], epoch, nxt, errs
+                    errs = []
+                cur = Cursor(*after_block)
+                if end_of_epoch:
+                    break
+            if not got_any:
+                raise RuntimeError(
+                    f"slot {slot} of {nslots} read no sample in epoch {epoch} from its shards "
+                    f"({(shards or plan.shards)[:3]}...): are they empty or all corrupt?"
+                )
+    finally:
+        if reader is not None:
+            reader.close()

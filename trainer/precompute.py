@@ -31,7 +31,7 @@ from data_pipeline.lock import FolderLock
 from data_pipeline.samples import ImageLimits, caption_text, decode_rgb
 from data_pipeline.tario import iter_shard
 from data_pipeline.transforms import caption_lines, crop_resize, sample_rng
-from data_pipeline.urls import expand_shards
+from data_pipeline.urls import expand_shards, shard_name
 
 from .config import ConfigError, build, config_dict, to_dataclass
 from .engine import distributed as D
@@ -68,13 +68,20 @@ class _ShardImages(IterableDataset):
                     skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
                     continue
                 items.append({"key": raw.key, "pixels": pixels, "text": text, "size": size, "crop": crop,
-                              "source": f"{Path(url).name}:{raw.key}"})  # fmt: skip
+                              "source": f"{shard_name(url)}:{raw.key}"})  # fmt: skip
                 if len(items) == self.batch:
                     yield {"shard": index, "items": items, "done": False}
                     items = []
             for err in errors:
                 skipped[err.reason] = skipped.get(err.reason, 0) + 1
             yield {"shard": index, "items": items, "done": True, "skipped": skipped}
+
+
+def needs_encoding(out: Path, name: str, settings: dict) -> bool:
+    """True unless the shard was finished with these settings. A shard recorded with a ``remote_error`` (its
+    input could not be read, or not to the end) is encoded again: a rerun retries what the network lost."""
+    record = shard_record(out, name, settings)
+    return record is None or bool(record["skipped"].get("remote_error"))
 
 
 def _images(items: list[dict], device: torch.device) -> torch.Tensor:
@@ -164,7 +171,7 @@ def _scale_settings(scale_file: Path) -> dict | None:
 
 def check_inputs(shards: list[str], out: Path) -> list[str]:
     """The output shard names; refuses inputs that would collide in ``out`` or be overwritten by it."""
-    names = [Path(u).name for u in shards]
+    names = [shard_name(u) for u in shards]  # a remote URL's file name, without its query string
     seen: dict[str, str] = {}
     for url, name in zip(shards, names, strict=True):
         if name in seen:
@@ -220,7 +227,7 @@ def precompute(cfg: DictConfig) -> int:
     D.barrier()
     scale = json.loads(scale_file.read_text())["scale_factor"]
     todo = [(i, u) for i, u in enumerate(shards)
-            if i % env.world_size == env.rank and shard_record(out, names[i], encoder.settings) is None]  # fmt: skip
+            if i % env.world_size == env.rank and needs_encoding(out, names[i], encoder.settings)]  # fmt: skip
     loader = DataLoader(_ShardImages(todo, cfg.data, cfg.batch_size), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(todo)), worker_init_fn=ignore_stop_signals)  # fmt: skip
     worker_cleanup_at_exit()
