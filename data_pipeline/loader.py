@@ -14,12 +14,13 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import elastic
 from .config import StreamConfig
 from .errors import DataQualityError, SampleError
 from .stream import Cursor, StreamPlan, iter_raw
@@ -44,6 +45,9 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 def _kill_leftover_workers() -> None:
     import multiprocessing
 
+    # torch's DataLoader handler would raise "worker killed" inside this loop, leaving the other workers alive
+    # for multiprocessing's exit handler to wait on forever (they ignore SIGTERM)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
         child.join(timeout=5)
@@ -242,42 +246,64 @@ class StreamingLoader:
             "batches": self.batches,
             "cursors": [c.to_dict() for c in self.cursors],
             "counters": [c.to_dict() for c in self.worker_counters],
+            "remainders": elastic.encode(tuple(r for r in self.plan.remainders if r[0] >= self.epoch)),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``. With another world size, worker count, seed or shard list the exact
-        position cannot carry over: the loader restarts the earliest epoch in progress under the new split
-        (some samples of that epoch may be seen twice; none is skipped) and keeps the skip counters."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
-        counters = [Counters.from_dict(c) for c in state["counters"]]
-        same = (state["world_size"], state["num_workers"], state["seed"], state["shards"]) == (
-            self.world,
-            self.workers,
-            self.cfg.seed,
-            shards_digest(self.shards),
-        )
-        if same:
+        """Continue exactly from this rank's ``state`` (same world size and workers); see :meth:`load_states`."""
+        self.load_states([state])
+
+    def load_states(self, states: list[dict]) -> None:
+        """Continue from the states every rank saved (or just this rank's when the split is the same).
+
+        Same split, seed and shards: exactly where this rank stopped. Another world size or worker count
+        (same seed and shards, every old rank's state given): elastically, every remaining sample of the
+        epochs in progress is read exactly once by the new split (:mod:`.elastic`). Anything else (another
+        seed or shard list, resampled mode): the earliest epoch in progress restarts under the new split.
+        The skip counters carry over: their totals go to rank 0's first worker."""
+        for state in states:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        digest = shards_digest(self.shards)
+        same_data = all((st["seed"], st["shards"]) == (self.cfg.seed, digest) for st in states)
+        old_world, old_workers = int(states[0]["world_size"]), int(states[0]["num_workers"])
+        remainders = elastic.decode(states[0].get("remainders"))
+        if same_data and (old_world, old_workers) == (self.world, self.workers):
+            mine = [st for st in states if int(st["rank"]) == self.rank] or states[:1]
+            state = mine[0]
+            self.plan = replace(self.plan, remainders=remainders)
             self.batches = int(state["batches"])
             self.cursors = [Cursor.from_dict(c) for c in state["cursors"]]
-            self.worker_counters = counters
+            self.worker_counters = [Counters.from_dict(c) for c in state["counters"]]
             return
-        epoch = min(int(c["epoch"]) for c in state["cursors"])
-        log.warning(
-            "data loader state was saved with world_size=%s num_workers=%s (now %s, %s) or other shards/seed: "
-            "restarting epoch %d under the new split",
-            state["world_size"],
-            state["num_workers"],
-            self.world,
-            self.workers,
-            epoch,
-        )
+        ranks = sorted(int(st["rank"]) for st in states)
+        cursors = [
+            Cursor.from_dict(c)
+            for st in sorted(states, key=lambda st: int(st["rank"]))
+            for c in st["cursors"]
+        ]
+        epoch = min(c.epoch for c in cursors)
+        if same_data and not self.cfg.resampled and ranks == list(range(old_world)):
+            old_plan = replace(self.plan, remainders=remainders)
+            self.plan = replace(
+                self.plan, remainders=elastic.remaining(old_plan, cursors, old_world * old_workers)
+            )
+            log.info("data: resuming %d ranks x %d workers as %d x %d; epochs %s continue from where every old "
+                     "reader stopped", old_world, old_workers, self.world, self.workers,
+                     [e for e, _ in self.plan.remainders])  # fmt: skip
+        else:
+            log.warning(
+                "data loader state was saved with world_size=%s num_workers=%s (now %s, %s), other shards/seed "
+                "or resampled: restarting epoch %d under the new split",
+                old_world, old_workers, self.world, self.workers, epoch,
+            )  # fmt: skip
+            self.plan = replace(self.plan, remainders=())
         self.batches = 0
         self.cursors = [Cursor(epoch=epoch) for _ in range(self.workers)]
-        total = sum_counters(counters)
-        self.worker_counters = [Counters(total["seen"], total["valid"], total["skipped"])] + [
-            Counters() for _ in range(self.workers - 1)
-        ]
+        self.worker_counters = [Counters() for _ in range(self.workers)]
+        if self.rank == 0:
+            total = sum_counters([Counters.from_dict(c) for st in states for c in st["counters"]])
+            self.worker_counters[0] = Counters(total["seen"], total["valid"], total["skipped"])
 
     def counters(self) -> dict:
         """Samples seen / valid / skipped by reason on this rank, as of the last batch handed out."""

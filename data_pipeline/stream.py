@@ -5,12 +5,18 @@ same permutation on every rank) and slot ``s`` of ``n`` reads shards ``s, s+n, s
 samples that together cover the epoch. In ``resampled`` mode each slot instead draws shards with replacement
 from the whole list, and an epoch is ``epoch_samples / n`` samples per slot.
 
-A slot reads its stream in *blocks* of ``shuffle_buffer`` samples (crossing shard boundaries) and yields each
-block in a permuted order seeded by ``(seed, epoch, slot, where the block starts)``. A position in the stream
-is therefore a small :class:`Cursor` (epoch, shard, samples to skip in it and the byte where they end, samples
-consumed from the block): resuming re-reads at most one block's bytes (from that byte: a remote shard is asked
-for a range) and decodes nothing it does not yield. The order of samples is a pure function of (seed, epoch,
-rank, world size, worker count).
+A slot reads each shard in *blocks* of up to ``shuffle_buffer`` samples (a block never crosses into the next
+shard) and yields each block in a permuted order seeded by ``(seed, epoch, the shard's place in the epoch, the
+sample the block starts at)``, not by the slot: whichever slot reads a block, it comes out in the same order.
+A position in the stream is therefore a small :class:`Cursor` (epoch, shard, samples to skip in it and the
+byte where they end, samples consumed from the block): resuming re-reads at most one block's bytes (from that
+byte: a remote shard is asked for a range) and decodes nothing it does not yield. The order of samples is a
+pure function of (seed, epoch, rank, world size, worker count).
+
+When the split changes (a job resumed on another number of ranks or workers), the positions every old slot
+reached are turned into what is left of each epoch in progress (:mod:`.elastic`): the shards nobody started
+and, as partial :class:`Entry` items, the blocks some slot was inside. The new slots deal those out among
+themselves and go on, so every sample of the epoch is still read exactly once.
 
 A shard stays open from one block to the next. A shard that ended early with an error (truncated, unreadable,
 or remote and still failing after the retries) is counted once, when the block that read it is first handed
@@ -58,6 +64,26 @@ class Cursor:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """A shard of an epoch, by its position in the epoch's order, and where reading it starts: at the
+    beginning, or — in an epoch resumed at another world size — where the old split left it (the block that
+    starts at sample ``skip`` / byte ``offset``, ``pos`` of it consumed, ``cut`` where it stopped on an error)."""
+
+    position: int
+    skip: int = 0
+    offset: int = 0
+    pos: int = 0
+    cut: int | None = None
+
+    def to_list(self) -> list:
+        return [self.position, self.skip, self.offset, self.pos, self.cut]
+
+    @classmethod
+    def from_list(cls, v: list) -> Entry:
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), None if v[4] is None else int(v[4]))
+
+
+@dataclass(frozen=True)
 class StreamPlan:
     """What every slot needs to know to compute its own share of the data."""
 
@@ -67,13 +93,30 @@ class StreamPlan:
     shard_shuffle: bool = True
     resampled: bool = False
     epoch_samples: int = 0  # resampled mode: samples per epoch, all slots together
+    remainders: tuple[tuple[int, tuple[Entry, ...]], ...] = ()  # (epoch, what is left of it): elastic resume
+
+    def order(self, epoch: int) -> list[int]:
+        """The shard indices in ``epoch``'s order (the same on every rank)."""
+        if not self.shard_shuffle:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards)).tolist()
+
+    def resumed_epoch(self, epoch: int) -> bool:
+        """Whether ``epoch`` continues under this split from what another split left of it."""
+        return any(e == epoch for e, _ in self.remainders)
+
+    def entries(self, epoch: int, slot: int, nslots: int) -> list[Entry]:
+        """The shards slot ``slot`` reads in ``epoch`` (non-resampled mode): positions ``slot, slot + n, ...``
+        of the epoch's order, or its share of what was left of the epoch when the split changed."""
+        for e, left in self.remainders:
+            if e == epoch:
+                return list(left[slot::nslots])
+        return [Entry(p) for p in range(slot, len(self.shards), nslots)]
 
     def epoch_shards(self, epoch: int, slot: int, nslots: int) -> list[str]:
-        """The shards slot ``slot`` reads in ``epoch`` (non-resampled mode)."""
-        if not self.shard_shuffle:
-            return list(self.shards[slot::nslots])
-        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.shards))
-        return [self.shards[i] for i in order[slot::nslots].tolist()]
+        """The shard URLs slot ``slot`` reads in ``epoch``, in order."""
+        order = self.order(epoch)
+        return [self.shards[order[e.position]] for e in self.entries(epoch, slot, nslots)]
 
     def draw(self, epoch: int, slot: int, index: int) -> str:
         """The ``index``-th shard drawn with replacement by ``slot`` in ``epoch`` (resampled mode)."""
@@ -130,34 +173,52 @@ def iter_raw(
     try:
         while True:
             epoch = cur.epoch
-            shards = None if plan.resampled else plan.epoch_shards(epoch, slot, nslots)
+            entries = None if plan.resampled else plan.entries(epoch, slot, nslots)
+            order = None if plan.resampled else plan.order(epoch)
             quota = plan.slot_quota(nslots) if plan.resampled else None
-            if shards is not None and not shards:
+            elastic = plan.resumed_epoch(epoch)
+            if entries is not None and not entries and not elastic:
                 raise RuntimeError(
                     f"slot {slot} of {nslots} has no shard: use fewer workers/ranks or resampled mode"
                 )
-            got_any = cur.shard > 0 or cur.skip > 0 or cur.pos > 0  # resumed after samples of this epoch
-            while True:  # blocks of this epoch
+            got_any = elastic or cur.shard > 0 or cur.skip > 0 or cur.pos > 0  # resumed inside this epoch
+            while True:  # blocks of this epoch, each inside one shard
+                if (
+                    entries is not None
+                    and cur.shard < len(entries)
+                    and not (cur.skip or cur.pos or cur.offset)
+                ):
+                    e = entries[
+                        cur.shard
+                    ]  # entering a shard another split left partly read: go on from there
+                    if e.skip or e.pos or e.offset:
+                        cuts = () if e.cut is None else ((cur.shard, e.cut),)
+                        cur = Cursor(epoch, cur.shard, e.skip, e.pos, cur.taken, e.offset, cuts)
+                        known, legacy = dict(cuts), False
                 size = max(1, plan.shuffle_buffer)
                 if quota is not None:
                     size = min(size, quota - cur.taken)
                 block: list[RawSample] = []
                 errors: list[ShardError] = []
                 cuts: list[tuple[int, int]] = []
-                s, k, off = cur.shard, cur.skip, cur.offset
+                s, k, off = first = (cur.shard, cur.skip, cur.offset)
                 fruitless = 0  # shards in a row that gave nothing (resampled mode would spin forever)
                 if reader is not None and (reader.epoch, reader.shard, reader.next) != (epoch, s, k):
                     reader.close()  # not where this block starts (a new epoch, or a resumed stream)
                     reader = None
                 while len(block) < size:
                     if reader is None:
-                        if shards is not None and s >= len(shards):
+                        if entries is not None and s >= len(entries):
                             break
                         if fruitless > 2 * len(plan.shards) + 8:
                             raise RuntimeError(
                                 f"slot {slot}: {fruitless} shard draws in a row gave no sample"
                             )
-                        url = shards[s] if shards is not None else plan.draw(epoch, slot, s)
+                        url = (
+                            plan.draw(epoch, slot, s)
+                            if order is None
+                            else plan.shards[order[entries[s].position]]
+                        )
                         reader = _OpenShard(url, epoch, s, k, off, known.get(s))
                         fruitless += 1
                     sample = reader.take()
@@ -168,34 +229,39 @@ def iter_raw(
                             errors += reader.errors  # new: not counted before the checkpoint
                         reader.close()
                         reader, s, k, off = None, s + 1, 0, 0
+                        if block:
+                            break  # a block never crosses into the next shard
+                        first = (s, k, off)  # that shard gave nothing: the block starts at the next one
+                        cuts = []
                         continue
                     block.append(sample)
                     fruitless = 0
                     k, off = reader.next, reader.offset
                 known, legacy = {}, False
-                end_of_epoch = (shards is not None and s >= len(shards)) or (
+                end_of_epoch = (entries is not None and s >= len(entries)) or (
                     quota is not None and cur.taken + len(block) >= quota
                 )
                 if end_of_epoch:
                     after_block = (epoch + 1, 0, 0, 0, 0, 0, ())
                 else:
                     after_block = (epoch, s, k, 0, cur.taken + len(block), off, ())
-                order = range(len(block))
-                if plan.shuffle_buffer > 1 and len(block) > 1:
-                    order = (
-                        np.random.default_rng([plan.seed, epoch, slot, cur.shard, cur.skip])
-                        .permutation(len(block))
-                        .tolist()
-                    )
-                got_any = got_any or bool(block) or cur.pos > 0
+                pos = cur.pos if first == (cur.shard, cur.skip, cur.offset) else 0
+                n = len(block)
+                perm = range(n)
+                if (
+                    plan.shuffle_buffer > 1 and n > 1
+                ):  # seeded by the block's place in its shard, not the slot
+                    where = [slot, first[0], 1] if order is None else [entries[first[0]].position]
+                    perm = np.random.default_rng([plan.seed, epoch, *where, first[1]]).permutation(n).tolist()
+                got_any = got_any or bool(block) or pos > 0
                 errs = errors
-                if cur.pos >= len(block) and errs:
+                if pos >= n and errs:
                     yield None, epoch, after_block, errs
-                done, n = tuple(cuts), len(block)
-                inside = (epoch, cur.shard, cur.skip)  # positions are tuples: a Cursor is built per batch
-                for i in range(cur.pos, n):
-                    nxt = after_block if i + 1 == n else (*inside, i + 1, cur.taken, cur.offset, done)
-                    yield block[order[i]], epoch, nxt, errs
+                done = tuple(cuts)
+                inside = (epoch, first[0], first[1])  # positions are tuples: a Cursor is built per batch
+                for i in range(pos, n):
+                    nxt = after_block if i + 1 == n else (*inside, i + 1, cur.taken, first[2], done)
+                    yield block[perm[i]], epoch, nxt, errs
                     errs = []
                 cur = Cursor(*after_block)
                 if end_of_epoch:
@@ -203,7 +269,7 @@ def iter_raw(
             if not got_any:
                 raise RuntimeError(
                     f"slot {slot} of {nslots} read no sample in epoch {epoch} from its shards "
-                    f"({(shards or plan.shards)[:3]}...): are they empty or all corrupt?"
+                    f"({plan.shards[:3]}...): are they empty or all corrupt?"
                 )
     finally:
         if reader is not None:

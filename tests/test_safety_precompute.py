@@ -11,10 +11,11 @@ import subprocess
 import time
 
 import pytest
+from safetensors.torch import load as safetensors_load
 from test_precompute import precompute, precompute_cmd, read_latents
 from trainrun import ROOT, env
 
-from data_pipeline.latents import MANIFEST, unpack
+from data_pipeline.latents import LATENT_EXT, MANIFEST
 from data_pipeline.tario import iter_shard
 from data_pipeline.urls import expand_shards
 
@@ -30,7 +31,7 @@ def failed(out, data, ae, extra=()) -> subprocess.CompletedProcess:
 
 def stored_shape(folder) -> tuple[int, ...]:
     shard = expand_shards(str(folder))[0]
-    return tuple(unpack(next(iter_shard(shard)))["mean"].shape)
+    return tuple(safetensors_load(next(iter_shard(shard)).files[LATENT_EXT])["mean"].shape)
 
 
 def test_a_rerun_with_other_settings_re_encodes_instead_of_trusting_old_shards(

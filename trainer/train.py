@@ -33,7 +33,7 @@ from .config import ConfigError, build
 from .diffusion.objectives import Diffusion
 from .engine import distributed as D
 from .engine.checkpoint import Checkpointer, resolve_resume
-from .engine.ema import EMA, full_fp32_params
+from .engine.ema import ShardedEMA, full_fp32_params
 from .engine.guards import PREEMPTED_MARKER, Faults, NonFiniteGuard, StopSignal
 from .engine.loggers import Logger, git_commit, new_run_id
 from .engine.optim import LRSchedule, Optimizer
@@ -159,9 +159,10 @@ class Run:
         )
         self.task.setup(ctx, parts.models)
         self.task.save_frozen(self.ckpt_dir / "frozen", write=env.is_main)
-        self.ema = EMA(cfg.ema.decay, cfg.ema.on_cpu, env.is_main) if cfg.ema.enabled else None
-        if self.ema is not None:
-            self.ema.initialize(self.task.ema_module(), cfg.deepspeed.zero_stage, parts.precision.mixed)
+        self.ema = None
+        if cfg.ema.enabled:  # each rank: the EMA of the fp32 fragments it owns
+            self.ema = ShardedEMA(cfg.ema.decay, env.rank, env.world_size, cfg.ema.on_cpu)
+            self.ema.attach(self.task.ema_module(), initialize=True)
         self.ckpt = Checkpointer(
             self.ckpt_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, self.device
         )
@@ -194,7 +195,8 @@ class Run:
 
     def _load(self, folder: Path, restore_data: bool) -> dict:
         engines, generators = self.task.engines(), self.task.generators()
-        return self.ckpt.load(folder, engines, self.loader, generators, self.ema, restore_data)
+        module = self.task.ema_module()
+        return self.ckpt.load(folder, engines, self.loader, generators, self.ema, module, restore_data)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -230,7 +232,7 @@ class Run:
         if self.guard.record(applied):
             self.rollback(step)
         elif applied and self.ema is not None and step % cfg.ema.every == 0:
-            self.ema.update(task.ema_module(), cfg.deepspeed.zero_stage, self.precision.mixed)
+            self.ema.update()
         if step % self.logger.config.log_every == 0 or step == cfg.max_steps:
             metrics = self.metrics(losses, factor, time.perf_counter() - t0, wait, applied)
             self.logger.log(step, metrics)
@@ -289,10 +291,20 @@ class Run:
         metrics |= {f"data/skipped_{r}": v for r, v in zip(REASONS, sums[5:], strict=True) if v}
         return metrics | {k: float(v) for k, v in self.task.metrics().items()}
 
+    def sampling_weights(self) -> dict[str, torch.Tensor]:
+        """The full weights to sample with on every rank: the EMA (one all-reduce), else the raw fp32 weights."""
+        if self.ema is not None:
+            return self.ema.full()
+        module, zero = self.task.ema_module(), self.cfg.deepspeed.zero_stage
+        return dict(full_fp32_params(module, zero, self.precision.mixed))
+
     def sample_grid(self, step: int) -> None:
         e = self.cfg.eval
-        images, caption = self.task.samples(list(e.prompts), e.steps, e.guidance)
-        if images is not None and self.env.is_main:
+        weights = self.sampling_weights()
+        if not self.env.is_main:
+            return
+        images, caption = self.task.samples(list(e.prompts), e.steps, e.guidance, weights)
+        if images is not None:
             self.logger.image(step, "samples", grid_image(images), caption)
 
     def save(self, step: int) -> None:

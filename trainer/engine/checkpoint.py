@@ -7,7 +7,7 @@ Layout under ``checkpoint.dir``::
     step_00001000/
         model/ [disc/]          DeepSpeed's files per engine (ZeRO shards per rank)
         rank_00000.pt ...       per rank: data loader position, RNG states (tensors only: weights_only loads)
-        ema.safetensors         rank 0's EMA of the trained weights
+        ema/rank_00000.safetensors ...  per rank: its fragments of the EMA, with offsets (any world size loads them)
         trainer_state.json      step, samples seen, W&B run id, counters
         config.yaml             the resolved config
         COMMITTED               written by rank 0 after every rank finished writing
@@ -31,18 +31,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from data_pipeline.atomic import StorageError, atomic_json, atomic_save, atomic_write, fsync_dir, fsync_file
 from data_pipeline.atomic import storage_error as _storage_error
 from data_pipeline.errors import InputError
 
 from . import distributed as dist_env
+from .reshard import load_resharded, partitioned
 from .rng import rng_state, set_rng_state
 from .safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
+SCRATCH = ".universal"  # checkpoints converted for loading at another world size (deleted by the next save)
 _STEP = re.compile(r"step_(\d{8})")
 
 
@@ -124,6 +125,7 @@ class Checkpointer:
         if rank == 0:  # leftovers of a crash in a save (the run folder is locked: nobody else writes here)
             for stale in self.dir.glob(".step_*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(self.dir / SCRATCH, ignore_errors=True)
 
     # -- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, engines: dict, loader, generators: dict, ema, trainer_state: dict,
@@ -159,6 +161,7 @@ class Checkpointer:
             atomic_write(self.dir / "latest", tag)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.dir / SCRATCH, ignore_errors=True)
             self.rotate()
         dist_env.barrier()
         return final
@@ -172,10 +175,9 @@ class Checkpointer:
             fsync_file(path)
         rank_state = {"world_size": self.world, "loader": loader.state_dict(), "rng": rng_state(generators)}
         atomic_save(work / f"rank_{self.rank:05d}.pt", lambda tmp: torch.save(rank_state, tmp))
+        if ema is not None:
+            ema.save(work)
         if self.rank == 0:
-            if ema is not None:
-                shadow = ema.state_dict()
-                atomic_save(work / "ema.safetensors", lambda tmp: save_file(shadow, str(tmp)))
             atomic_json(work / "trainer_state.json", {**trainer_state, "tag": tag})
             atomic_write(work / "config.yaml", config_yaml)
         for sub in [work, *(p for p in work.iterdir() if p.is_dir())]:
@@ -191,16 +193,19 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -- load ------------------------------------------------------------------------------------------------
-    def load(
-        self, folder: Path, engines: dict, loader, generators: dict, ema, restore_data: bool = True
-    ) -> dict:
+    def load(self, folder: Path, engines: dict, loader, generators: dict, ema, ema_module=None,
+             restore_data: bool = True) -> dict:  # fmt: skip
         """Restore engines (weights + optimizer), EMA and, unless ``restore_data`` is False (rollback), the
         data position and RNG states. Returns the trainer state. Files load with ``weights_only=True``."""
         if not (folder / COMMITTED).is_file():
             raise CheckpointError(f"{folder} is not a committed checkpoint (no {COMMITTED} marker)")
         state = json.loads((folder / "trainer_state.json").read_text())
+        resize = int(state.get("world_size", self.world)) != self.world
         with weights_only_loads(folder):
             for name, engine in engines.items():
+                if resize and partitioned(folder / name):  # partitions cut for another world size
+                    load_resharded(engine, folder, name, self.dir / SCRATCH, self.rank)
+                    continue
                 path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False, load_module_strict=True)  # fmt: skip
                 if path is None:
@@ -208,12 +213,7 @@ class Checkpointer:
             if restore_data:
                 self._load_rank_state(folder, loader, generators, state)
         if ema is not None:
-            ema_file = folder / "ema.safetensors"
-            shadow = load_file(str(ema_file)) if ema_file.is_file() and ema.is_main else {}
-            if ema.is_main and shadow:
-                device = "cpu" if ema.on_cpu else next(iter(engines.values())).device
-                shadow = {k: v.to(device) for k, v in shadow.items()}
-            ema.load_state_dict(shadow, int(state.get("ema_updates", 0)))
+            ema.load(folder, ema_module)
         return state
 
     def _load_rank_state(self, folder: Path, loader, generators: dict, state: dict) -> None:
@@ -224,13 +224,13 @@ class Checkpointer:
             set_rng_state(rank_state["rng"], generators)
             return
         log.warning(
-            "checkpoint was written by %s ranks, this run has %s: data position restarts the epoch in "
-            "progress and random generators are re-seeded",
+            "checkpoint was written by %s ranks, this run has %s: the data position is split anew from where "
+            "every old rank stopped; random generators are re-seeded",
             state.get("world_size"),
             self.world,
         )
-        rank0 = torch.load(folder / "rank_00000.pt", map_location="cpu", weights_only=True)
-        loader.load_state_dict(rank0["loader"])
+        files = sorted(folder.glob("rank_*.pt"))
+        loader.load_states([torch.load(f, map_location="cpu", weights_only=True)["loader"] for f in files])
 
 
 def _as_os_error(exc: BaseException, where: Path) -> OSError:

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..schema import DeepSpeedConfig
 from .optim import Optimizer
 from .precision import Precision
+from .reshard import mark_universal
 
 HUGE_CLIP = 1e12  # makes ZeRO compute the global grad norm (and skip non-finite steps) without clipping
 
@@ -54,7 +56,10 @@ def ds_config(
         "wall_clock_breakdown": False,
         **optim.ds_config(lr),
     }
-    return deep_merge(cfg, dict(ds.extra))
+    extra = ds.extra
+    if isinstance(extra, DictConfig):  # nested DictConfigs are not dicts: convert, or they replace whole
+        extra = OmegaConf.to_container(extra, resolve=True)
+    return deep_merge(cfg, dict(extra))
 
 
 def make_engine(
@@ -72,6 +77,7 @@ def make_engine(
     if not params:
         raise ValueError("the engine would have no trainable parameter")
     cfg = ds_config(ds, optim, micro_batch, precision, lr)
+    mark_universal(module)  # its checkpoints can then be resharded for another world size
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optim.client(params, lr), model_parameters=params, config=cfg
     )

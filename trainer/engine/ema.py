@@ -71,8 +71,10 @@ def local_fragments(module: nn.Module, rank: int, world: int) -> list[Fragment]:
 
 
 class ShardedEMA:
-    def __init__(self, decay: float, rank: int, world: int):
-        self.decay, self.rank, self.world = decay, rank, world
+    """The EMA of this rank's fp32 fragments (``on_cpu``: kept in host memory, updated from a copy)."""
+
+    def __init__(self, decay: float, rank: int, world: int, on_cpu: bool = False):
+        self.decay, self.rank, self.world, self.on_cpu = decay, rank, world, on_cpu
         self.fragments: list[Fragment] = []
         self.shadow: list[torch.Tensor] = []
         self.updates = 0
@@ -86,14 +88,18 @@ class ShardedEMA:
         with ``initialize``, start the EMA from the current weights."""
         self.fragments = [f for f in local_fragments(module, self.rank, self.world) if f.numel > 0]
         if initialize:
-            self.shadow = [f.view.detach().float().clone() for f in self.fragments]
+            self.shadow = [self._home(f.view.detach().float()).clone() for f in self.fragments]
             self.updates = 0
+
+    def _home(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to("cpu", non_blocking=True) if self.on_cpu else t
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current weights in: a local lerp per fragment, no communication."""
         if self.shadow:
-            torch._foreach_lerp_(self.shadow, [f.view for f in self.fragments], 1.0 - self.current_decay())
+            current = [self._home(f.view) for f in self.fragments]
+            torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.updates += 1
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -108,8 +114,12 @@ class ShardedEMA:
         atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @torch.no_grad()
-    def load(self, folder: Path) -> None:
-        """This rank's fragments from the fragments any number of ranks saved (elastic)."""
+    def load(self, folder: Path, module: nn.Module) -> None:
+        """Re-attach to ``module`` (just loaded) and read this rank's fragments from the fragments any number
+        of ranks saved (elastic); a checkpoint without an EMA starts it from the loaded weights."""
+        self.attach(module, initialize=not saved_ema(Path(folder)))
+        if not saved_ema(Path(folder)):
+            return
         pieces = read_layouts(Path(folder))
         self.shadow = []
         for f in self.fragments:
@@ -121,7 +131,7 @@ class ShardedEMA:
                         shadow[lo - f.offset : hi - f.offset] = src.get_slice(f.name)[
                             lo - offset : hi - offset
                         ]
-            self.shadow.append(shadow.to(f.view.device))
+            self.shadow.append(shadow if self.on_cpu else shadow.to(f.view.device))
         self.updates = max((int(m["updates"]) for m in _metas(Path(folder))), default=0)
 
     @torch.no_grad()
@@ -131,18 +141,16 @@ class ShardedEMA:
         for f, s in zip(self.fragments, self.shadow, strict=True):
             out.setdefault(f.name, torch.zeros(math.prod(f.shape), dtype=torch.float32, device=s.device))
             out[f.name][f.offset : f.offset + f.numel] = s
-        names = sorted(set(shape_of(self.fragments)) | set(out))
         shapes = shape_of(self.fragments)
         if dist.is_available() and dist.is_initialized():
-            shapes = _all_shapes(shapes)
+            shapes = _all_shapes(shapes)  # a rank may own no piece of some parameter
             for name in sorted(shapes):
-                t = out.get(name)
-                if t is None:
-                    t = out[name] = torch.zeros(
+                if name not in out:
+                    out[name] = torch.zeros(
                         math.prod(shapes[name]), dtype=torch.float32, device=_device(self)
                     )
-                dist.all_reduce(t)
-        return {name: out[name].view(shapes[name]) for name in names if name in out}
+                dist.all_reduce(out[name])
+        return {name: out[name].view(shapes[name]) for name in sorted(shapes)}
 
 
 def shape_of(fragments: list[Fragment]) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,7 @@ from data_pipeline.atomic import atomic_json, atomic_save
 from ..config import ConfigError, build, config_dict, offline
 from ..diffusion.objectives import Diffusion
 from ..engine.checkpoint import COMMITTED, newest
+from ..engine.ema import saved_ema, stitch
 from ..engine.safe_load import weights_only_loads
 from ..models.autoencoder import Autoencoder, AutoencoderKL
 from ..models.convert import diffusers_unet_config, diffusers_vae_config, unet_to_diffusers, vae_to_diffusers
@@ -40,14 +41,14 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 def uses_ema(folder: Path, ema: bool = True) -> bool:
     """Whether ``trained_weights(folder, ema)`` reads the EMA (asked for, and the checkpoint has one)."""
-    return ema and (folder / "ema.safetensors").is_file()
+    return ema and saved_ema(folder)
 
 
 def trained_weights(folder: Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards.
     Checkpoint files load with ``weights_only=True`` (a planted pickle is refused, never run)."""
     if uses_ema(folder, ema):
-        return load_file(str(folder / "ema.safetensors"))
+        return stitch(folder)
     with weights_only_loads(folder):
         if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -77,8 +77,11 @@ class Task(Protocol):
         """Extra scalars of the last micro-batch (on device), logged under the task's prefix."""
         ...
 
-    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
-        """A grid's images in [0, 1] and its caption (every rank calls this: ZeRO-3 forwards gather)."""
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
+        """A grid's images in [0, 1] and its caption, made (on rank 0) by a fresh copy of the trained module with
+        ``weights``: the full EMA (or raw) tensors keyed like ``ema_module()``'s parameters."""
         ...
 
     def save_frozen(self, folder: Path, write: bool) -> None:

@@ -26,7 +26,7 @@ from ..models.text_encoders import ConditionEncoder
 from ..models.unet import UNetModel
 from ..models.weights import load_autoencoder_weights, load_unet_weights
 from .base import TaskContext
-from .common import check_zero_stage, images_to_model
+from .common import check_zero_stage, images_to_model, with_weights
 from .concat import ConcatCondition
 
 log = logging.getLogger(__name__)
@@ -230,14 +230,22 @@ class UNetTask:
         )
 
     @torch.no_grad()
-    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
         if self.concat is not None:  # concat models need per-prompt inputs (masks, low-res images)
             return None, ""
-        self.engine.module.eval()
+        unet = with_weights(build(self.cfg.unet, "unet", UNetModel), weights, "unet.")
+        unet.to(self.device, self.dtype)
+        text = self.text_encoder
+        if self.train_text:
+            text = with_weights(build(self.cfg.text_encoder, "text_encoder", ConditionEncoder), weights,
+                                "text_encoder.").to(self.device, self.dtype)  # fmt: skip
+        pipe = LatentDiffusionPipeline(
+            unet, self.autoencoder, text, self.diffusion, self.scale_factor, self.concat
+        )
         opts = GenerateOptions(steps=steps, guidance=guidance, seeds=list(range(len(prompts))))
-        images = self.pipeline().generate(list(prompts), opts)
-        self.engine.module.train()
-        return images, " | ".join(prompts)
+        return pipe.generate(list(prompts), opts), " | ".join(prompts)
 
     def save_frozen(self, folder: Path, write: bool) -> None:
         meta_file = folder / "frozen.json"
