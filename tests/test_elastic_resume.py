@@ -46,20 +46,42 @@ def elastic(tmp_path, shards, stage: int, before: int, after: int, precision: st
             "ranks": max(before, after)}  # fmt: skip
 
 
+def adam_step(folder) -> int:
+    """The optimizer's step count in rank 0's partition of a checkpoint."""
+    from trainer.engine.safe_load import weights_only_loads
+
+    path = next((folder / "model").glob("*zero_pp_rank_0_*optim_states.pt"))
+    with weights_only_loads(path):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+
+    def find(x):
+        if isinstance(x, dict):
+            if "step" in x and not isinstance(x["step"], dict):
+                return int(x["step"])
+            return next((v for v in map(find, x.values()) if v is not None), None)
+        if isinstance(x, list | tuple):
+            return next((v for v in map(find, x) if v is not None), None)
+        return None
+
+    return find(sd["optimizer_state_dict"])
+
+
 def check(r: dict) -> None:
     rows = metrics(r["dir"])
     assert events(rows, "resumed_from")[-1]["step"] == r["saved_at"]
     seen = epoch_keys(r["dir"], r["ranks"])
     assert len(seen) == EPOCH, f"{EPOCH - len(seen)} samples of epoch 0 never trained on"
     assert max(seen.values()) == 1, f"trained twice: {[k for k, n in seen.items() if n > 1][:5]}"
+    # the optimizer state came along: Adam's step count went on from the saved step, and so did the EMA's
+    final = r["dir"] / "checkpoints" / f"step_{r['total']:08d}"
+    assert adam_step(final) == r["total"]
+    assert int(json.loads((final / "trainer_state.json").read_text())["ema_updates"]) == r["total"]
+    # the loss is at the level of an uninterrupted run at the new size (within 15%: tiny models on tiny
+    # batches are noisy; continuity itself is checked exactly, above and in the weights test)
     got, ref = losses(rows), losses(metrics(r["ref"]))
     tail = range(r["saved_at"] + 1, r["total"] + 1)
     mean_got, mean_ref = (sum(x[s] for s in tail) / len(tail) for x in (got, ref))
-    first = ref[1]
-    # the resumed run continues from the trained weights: its loss is that of the uninterrupted run at the new
-    # size (within 15%), far below the loss a run starting again would have
     assert abs(mean_got - mean_ref) < 0.15 * mean_ref, (mean_got, mean_ref)
-    assert got[r["saved_at"] + 1] < 0.9 * first, (got[r["saved_at"] + 1], first)
 
 
 def test_elastic_zero2_bf16_two_ranks_resume_on_one_with_exact_weights(tmp_path, synth_shards):

@@ -33,6 +33,7 @@ from .config import ConfigError, build
 from .diffusion.objectives import Diffusion
 from .engine import distributed as D
 from .engine.checkpoint import Checkpointer, resolve_resume
+from .engine.deepspeed_setup import grad_norm
 from .engine.ema import ShardedEMA, full_fp32_params
 from .engine.guards import PREEMPTED_MARKER, Faults, NonFiniteGuard, StopSignal
 from .engine.loggers import Logger, git_commit, new_run_id
@@ -85,6 +86,12 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True)
         prec = precision(cfg.precision)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if prec.mixed and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError(
+            f"precision={cfg.precision} with deepspeed.zero_stage=0: DeepSpeed would train the bf16 weights "
+            "themselves, with no fp32 master copy (updates rounded to bf16); use deepspeed.zero_stage=1 or more "
+            "(on one GPU ZeRO-1 costs the same memory as ZeRO-0 and keeps fp32 master weights)"
+        )
     Diffusion.from_node(cfg.diffusion)
     parts = Parts(
         cfg,
@@ -239,7 +246,7 @@ class Run:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         if cfg.eval.every and step % cfg.eval.every == 0:
             self.sample_grid(step)
-        stopping = D.all_reduce_max(float(self.stop.received is not None), self.device) > 0
+        stopping = D.any_rank(self.stop.received is not None)  # host-side: no device sync
         due = step % cfg.checkpoint.every == 0 or (step == cfg.max_steps and cfg.checkpoint.save_final)
         if (stopping or due) and self.guard.in_streak:  # never save what a non-finite streak left behind
             self.logger.event("checkpoint_skipped", step=step, reason="non-finite streak")
@@ -285,7 +292,7 @@ class Run:
             "data/valid": sums[4],
             "step_applied": int(applied),
         }
-        norm = self.task.engines()["model"].get_global_grad_norm()  # None where DeepSpeed computes none
+        norm = grad_norm(self.task.engines()["model"])
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics |= {f"data/skipped_{r}": v for r, v in zip(REASONS, sums[5:], strict=True) if v}

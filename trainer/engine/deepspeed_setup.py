@@ -3,6 +3,7 @@ contribution, and how a step with non-finite values is dropped."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,7 +49,11 @@ def ds_config(
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.grad_accum,
-        "gradient_clipping": clip if clip > 0 else HUGE_CLIP,
+        # ZeRO-0: we check and clip ourselves with one read per step (DeepSpeed's fp32 clipping reads every
+        # parameter's norm back to the host); ZeRO 1-3 compute one global norm and skip non-finite steps
+        "gradient_clipping": 0.0
+        if own_clipping(ds.zero_stage, precision.mixed)
+        else (clip if clip > 0 else HUGE_CLIP),
         "zero_optimization": zero,
         **precision.ds_config(),
         "steps_per_print": 10**12,
@@ -81,7 +86,13 @@ def make_engine(
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optim.client(params, lr), model_parameters=params, config=cfg
     )
+    engine.ldm_grad_clip = optim.config.grad_clip
     return engine
+
+
+def own_clipping(zero_stage: int, mixed: bool) -> bool:
+    """fp32 ZeRO-0: DeepSpeed has no overflow check there and clips by reading each parameter's norm."""
+    return zero_stage == 0 and not mixed
 
 
 def set_lr(engine, lr: float) -> None:
@@ -89,9 +100,19 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def grads_finite_stage0(engine) -> bool:
-    """ZeRO-0 has no overflow check: look at the (already all-reduced) gradients ourselves."""
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
+def check_and_clip_stage0(engine) -> float:
+    """ZeRO-0 has no overflow check and clips per parameter: compute the global norm of the (already
+    all-reduced) gradients on the device, read it back once (the step's only device-to-host sync from our
+    code) and, when finite, clip to ``optim.grad_clip`` without another read. Returns the norm."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    norm = float(total)  # inf or nan when a gradient holds one
+    clip = getattr(engine, "ldm_grad_clip", 0.0)
+    if clip > 0 and math.isfinite(norm):
+        torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return norm
 
 
 def step(engine) -> bool:
@@ -102,10 +123,20 @@ def step(engine) -> bool:
     (its gradient clipping fails on an all-None gradient list).
     """
     boundary = engine.is_gradient_accumulation_boundary()
-    if engine.zero_optimization_stage() == 0 and boundary and not grads_finite_stage0(engine):
-        for p in engine.module.parameters():
-            p.grad = None
-        engine.micro_steps += 1
-        return False
+    if own_clipping(engine.zero_optimization_stage(), engine.bfloat16_enabled()) and boundary:
+        engine.ldm_grad_norm = check_and_clip_stage0(engine)
+        if not math.isfinite(engine.ldm_grad_norm):
+            for p in engine.module.parameters():
+                p.grad = None
+            engine.micro_steps += 1
+            return False
     engine.step()
     return engine.was_step_applied() if boundary else True
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm (None where none was computed)."""
+    if own_clipping(engine.zero_optimization_stage(), engine.bfloat16_enabled()):
+        return getattr(engine, "ldm_grad_norm", None)
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

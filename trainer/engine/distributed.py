@@ -113,6 +113,21 @@ def init(env: DistEnv, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    global _control
+    _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+
+_control = None  # a gloo group for control flags on GPU runs (the default group when it is gloo already)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank: an all-reduce of one int on the CPU (gloo), so asking every step
+    costs one small message and never waits for the GPU's queue to drain."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t[0])
 
 
 def pick_device(requested: str, env: DistEnv) -> torch.device:

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import io
 import shutil
+import sys
 from pathlib import Path
 
 from data_pipeline.atomic import fsync_dir
@@ -47,8 +48,17 @@ def convert(engine_folder: Path, out: Path) -> None:
     args = argparse.Namespace(input_folder=str(engine_folder), output_folder=str(work), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # fmt: skip
-    with weights_only_loads(engine_folder), contextlib.redirect_stdout(io.StringIO()):
-        ds_to_universal(args)
+    chatter = io.StringIO()  # its per-parameter progress bars; shown only when it fails
+    try:
+        with (
+            weights_only_loads(engine_folder),
+            contextlib.redirect_stdout(chatter),
+            contextlib.redirect_stderr(chatter),
+        ):
+            ds_to_universal(args)
+    except Exception:
+        print(chatter.getvalue()[-4000:], file=sys.stderr)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
     fsync_dir(out.parent)
