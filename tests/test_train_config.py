@@ -32,6 +32,11 @@ BAD = [
     ),
     (["task=unet", "data=latents"], "latent"),
     (["precision=bf16", "deepspeed.zero_stage=0"], "no fp32 master copy"),
+    (
+        ["eval.every=5", "eval.adherence=true", "eval.prompts=[a photo of a cat]"],
+        "synthetic-set prompts only",
+    ),
+    (["eval.every=5", "eval.inception_weights=/nonexistent/pt_inception.pth"], "eval.inception_weights"),
 ]
 
 

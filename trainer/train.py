@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -40,7 +41,9 @@ from .engine.loggers import Logger, git_commit, new_run_id
 from .engine.optim import LRSchedule, Optimizer
 from .engine.precision import Precision, precision
 from .engine.rng import seed_everything
+from .evaluate.periodic import check_eval, eval_metrics, eval_prompts, evaluate_prompts, result_paths
 from .inference.images import grid_image
+from .inference.pipeline import GenerateOptions
 from .schema import TrainConfig
 from .tasks.base import Task, TaskContext
 
@@ -109,17 +112,24 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True)
             parts.data.check()
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"data.urls: {exc}") from None
+        if cfg.eval.every:
+            try:
+                check_eval(cfg.eval)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
     if load_models:
         parts.models = parts.task.build_models(cfg)
     return parts
 
 
 def plan(cfg: DictConfig) -> dict:
-    """What ``dry_run=true`` prints: parameters, FLOPs per sample, ZeRO memory per rank."""
-    from .plan import plan_for
+    """What ``dry_run=true`` prints: parameters, FLOPs per sample, ZeRO memory, and the job at this config's
+    batch, ZeRO stage and ``plan.world_size`` ranks: memory per rank and step time on ``plan.gpu``."""
+    from .plan import job_plan, plan_for
 
-    world = D.detect().world_size
-    return plan_for(cfg.unet, cfg.autoencoder, cfg.text_encoder, cfg.data.resolution, world, cfg.precision)
+    world = cfg.plan.world_size or D.detect().world_size
+    out = plan_for(cfg.unet, cfg.autoencoder, cfg.text_encoder, cfg.data.resolution, world, cfg.precision)
+    return out | {"job": job_plan(out, cfg, world)}
 
 
 def train(cfg: DictConfig) -> int:
@@ -182,6 +192,8 @@ class Run:
             **OmegaConf.to_container(cfg, resolve=True),
         }
         self.saved_at, self.stopped_by_signal = 0, False
+        self.eval_prompts = eval_prompts(cfg.eval)
+        self.eval_metrics = eval_metrics(cfg.eval, self.device) if cfg.eval.every else None
 
     # -- resume ------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -306,11 +318,25 @@ class Run:
         return dict(full_fp32_params(module, zero, self.precision.mixed))
 
     def sample_grid(self, step: int) -> None:
+        """Every ``eval.every`` steps, with the EMA weights: the prompt set's metrics across the ranks (when
+        ``eval.*`` asks for any) and a sample grid, logged."""
         e = self.cfg.eval
         weights = self.sampling_weights()
+        pipeline = self.task.sampling_pipeline(weights) if self.eval_metrics is not None else None
+        if pipeline is not None:  # every rank samples its share of the prompts
+            seeds = [e.seed + i for i in range(len(self.eval_prompts))]
+            opts = GenerateOptions(steps=e.steps, guidance=e.guidance)
+            result = evaluate_prompts(pipeline, self.eval_prompts, seeds, opts, self.eval_metrics, step,
+                                      self.run_dir / "eval", self.env.rank, self.env.world_size)  # fmt: skip
+            if self.env.is_main:
+                self.logger.log(step, {f"eval/{k}": v for k, v in result.items()})
+                grid = result_paths(self.run_dir / "eval", step)[1]
+                if grid.is_file():
+                    self.logger.image(step, "samples", Image.open(grid), " | ".join(self.eval_prompts[:16]))
+            return
         if not self.env.is_main:
             return
-        images, caption = self.task.samples(list(e.prompts), e.steps, e.guidance, weights)
+        images, caption = self.task.samples(self.eval_prompts, e.steps, e.guidance, weights)
         if images is not None:
             self.logger.image(step, "samples", grid_image(images), caption)
 

@@ -122,6 +122,9 @@ class AutoencoderTask:
     def metrics(self) -> dict[str, torch.Tensor]:
         return {f"ae/{k}": v for k, v in self._logs.items()}
 
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> None:
+        return None  # reconstructions, not prompts: see samples()
+
     @torch.no_grad()
     def samples(
         self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]

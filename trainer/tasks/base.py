@@ -77,6 +77,11 @@ class Task(Protocol):
         """Extra scalars of the last micro-batch (on device), logged under the task's prefix."""
         ...
 
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> Any:
+        """A text-to-image pipeline on a fresh copy of the trained module holding ``weights`` (for evaluation
+        during training, on every rank), or None when this stage does not sample from prompts."""
+        ...
+
     def samples(
         self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor | None, str]:

@@ -229,21 +229,27 @@ class UNetTask:
             self.concat,
         )
 
-    @torch.no_grad()
-    def samples(
-        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor | None, str]:
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> LatentDiffusionPipeline | None:
+        """A pipeline on a fresh copy of the UNet (and trained text encoder) holding ``weights``."""
         if self.concat is not None:  # concat models need per-prompt inputs (masks, low-res images)
-            return None, ""
+            return None
         unet = with_weights(build(self.cfg.unet, "unet", UNetModel), weights, "unet.")
         unet.to(self.device, self.dtype)
         text = self.text_encoder
         if self.train_text:
             text = with_weights(build(self.cfg.text_encoder, "text_encoder", ConditionEncoder), weights,
                                 "text_encoder.").to(self.device, self.dtype)  # fmt: skip
-        pipe = LatentDiffusionPipeline(
+        return LatentDiffusionPipeline(
             unet, self.autoencoder, text, self.diffusion, self.scale_factor, self.concat
         )
+
+    @torch.no_grad()
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
+        pipe = self.sampling_pipeline(weights)
+        if pipe is None:
+            return None, ""
         opts = GenerateOptions(steps=steps, guidance=guidance, seeds=list(range(len(prompts))))
         return pipe.generate(list(prompts), opts), " | ".join(prompts)
 
