@@ -35,13 +35,15 @@ def origin() -> str:
 
 
 def _bytes(args) -> int:
-    total = 0
+    """A collective's message size: its largest tensor argument (all-reduce: the tensor; all-gather: the
+    gathered output; reduce-scatter: the input)."""
+    sizes = [0]
     for a in args:
         if isinstance(a, torch.Tensor):
-            total += a.numel() * a.element_size()
+            sizes.append(a.numel() * a.element_size())
         elif isinstance(a, list | tuple):
-            total += _bytes(a)
-    return total
+            sizes.append(_bytes(a))
+    return max(sizes)
 
 
 class HostSyncs(TorchDispatchMode):
