@@ -30,6 +30,9 @@ _CAUSES = {
 class StorageError(OSError):
     """Writing a file failed; the message names the path and the cause (disk full, permission, quota...)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def storage_error(path: str | os.PathLike, exc: OSError, what: str = "writing") -> StorageError:
     """A :class:`StorageError` for ``exc`` raised while ``what`` ``path``."""

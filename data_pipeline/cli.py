@@ -16,39 +16,15 @@ import json
 import logging
 import sys
 import time
-from typing import NoReturn
 
-from .errors import NoValidSampleError, ShardUrlError
+from .args import OneLineParser, int_at_least
+from .errors import InputError, NoValidSampleError, ShardUrlError
 from .samples import DEFAULT_MAX_PIXELS, ImageLimits
 from .urls import expand_shards
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``ldm-data CMD: error: ...``, exit code 2), without the usage
-    block; ``-h`` shows it."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(low: int, meaning: str = ""):
-    """An argparse type: an integer >= ``low`` (``meaning``: what ``low`` itself means, if special)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
-        return value
-
-    return parse
-
-
-POSITIVE = _int_at_least(1)
-COUNT = _int_at_least(0)
-LIMIT = _int_at_least(0, " (0: no limit)")
+POSITIVE = int_at_least(1)
+COUNT = int_at_least(0)
+LIMIT = int_at_least(0, " (0: no limit)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -142,14 +118,14 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ldm-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(prog="ldm-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("synth", help="write the synthetic captioned-shapes data set")
     s.add_argument("--out", required=True)
     s.add_argument("--num", type=POSITIVE, required=True)
     s.add_argument("--shard-size", type=POSITIVE, default=1000)
-    s.add_argument("--size", type=_int_at_least(16), default=64)
+    s.add_argument("--size", type=int_at_least(16), default=64)
     s.add_argument("--seed", type=COUNT, default=0)
     s.add_argument("--split", default="train", choices=["train", "heldout", "all"])
     s.add_argument("--workers", type=POSITIVE, default=1)
@@ -183,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("urls", nargs="+")
     t.add_argument("--resolution", type=POSITIVE, default=64)
     t.add_argument("--batch-size", type=POSITIVE, default=32)
-    t.add_argument("--workers", type=_int_at_least(0, " (0: load in the main process)"), default=2)
+    t.add_argument("--workers", type=int_at_least(0, " (0: load in the main process)"), default=2)
     t.add_argument("--batches", type=POSITIVE, default=50)
-    t.add_argument("--shuffle-buffer", type=_int_at_least(1, " (1: no shuffling)"), default=1000)
+    t.add_argument("--shuffle-buffer", type=int_at_least(1, " (1: no shuffling)"), default=1000)
     t.add_argument("--resampled", action="store_true", help="needs --epoch-samples")
     t.add_argument("--epoch-samples", type=COUNT, default=0)
     t.add_argument("--allow-pipe", action="store_true")
@@ -207,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     _check(args)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ShardUrlError, NoValidSampleError) as exc:  # ShardNotFoundError included
+    except (
+        FileNotFoundError,
+        ShardUrlError,
+        NoValidSampleError,
+        InputError,
+    ) as exc:  # ShardNotFoundError too
         print(f"ldm-data: {exc}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,18 @@ class ShardNotFoundError(FileNotFoundError):
 
 
 class ShardUrlError(ValueError):
-    """A shard URL the pipeline refuses to open: ``pipe:`` without ``allow_pipe``, or a remote scheme."""
+    """A shard URL the pipeline refuses to open: ``pipe:`` without ``allow_pipe``, a scheme neither our HTTP
+    reader nor fsspec knows, or one whose optional package (s3fs, gcsfs, ...) is not installed."""
+
+
+class RemoteShardError(OSError):
+    """A remote shard that could not be read: a 4xx answer, or failures past the retries. The tar reader counts
+    the shard as ``remote_error`` (samples read before are kept). The message names the URL and the cause;
+    ``missing`` says the source answered that there is no such file (HTTP 404/410, FileNotFoundError)."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 class NoValidSampleError(ValueError):
@@ -36,6 +47,7 @@ class DataQualityError(RuntimeError):
 REASONS = (
     "truncated_tar",  # the shard ends in the middle of a sample or header (one count per truncated shard)
     "unreadable_tar",  # not a tar file at all, or a garbled header (one count per shard)
+    "remote_error",  # a remote shard not found (4xx) or still failing after the retries (one count per shard)
     "missing_image",
     "zero_byte",
     "undecodable_image",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +28,19 @@ from safetensors.torch import save as save_tensors
 
 from .atomic import atomic_json, atomic_write
 from .config import StreamConfig
-from .errors import InputError, SampleError
+from .errors import InputError, RemoteShardError, SampleError
 from .loader import StreamingLoader
+from .rawtensors import Layouts, stack, tensor_bytes
+from .remote import read_bytes
 from .samples import caption_text, metadata
 from .shards import AtomicShardWriter
 from .tario import RawSample
 from .transforms import choose_caption, sample_rng
-from .urls import expand_shards
+from .urls import ShardUrl, beside, expand_shards
 
 FORMAT = "ldm-latents/2"
 LATENT_EXT = "latents.safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the manifest's settings["dtype"]
 MANIFEST = "manifest.json"
 RECORDS = "_manifest"
 NULL_TEXT = "null_text.safetensors"
@@ -49,16 +53,6 @@ class LatentFormatError(InputError):
 # -- one sample ------------------------------------------------------------------------------------------------
 def pack(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({k: v.contiguous() for k, v in tensors.items()})
-
-
-def unpack(sample: RawSample) -> dict[str, torch.Tensor]:
-    data = sample.files.get(LATENT_EXT)
-    if not data:
-        raise SampleError("bad_latent", f"{sample.url}:{sample.key} has no .{LATENT_EXT}")
-    try:
-        return load_tensors(data)
-    except Exception as exc:
-        raise SampleError("bad_latent", f"{sample.url}:{sample.key}: {exc}") from None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -111,13 +105,16 @@ def write_null_text(out: Path, tokens: torch.Tensor) -> None:
 
 
 def write_manifest(out: Path, names: list[str], settings: dict, scale_factor: float, extra: dict) -> dict:
-    """``manifest.json`` over the records of ``names`` (all must be finished with ``settings``)."""
+    """``manifest.json`` over the records of ``names`` (all must be finished with ``settings``, which the
+    manifest holds once: its per-shard records are ``_manifest/<shard>.json`` without their settings)."""
     records = []
     for name in names:
         record = shard_record(out, name, settings)
         if record is None:
             raise LatentFormatError(f"{Path(out) / RECORDS / (name + '.json')}: shard {name} is not finished")
-        records.append(record)
+        # every record's settings equal the manifest's (checked just above): not repeated 100,000 times, which
+        # was 4/5 of a big manifest's bytes, and so of each rank's start-up parse
+        records.append({k: v for k, v in record.items() if k != "settings"})
     skipped: dict[str, int] = {}
     for r in records:
         for k, v in r["skipped"].items():
@@ -136,16 +133,65 @@ def write_manifest(out: Path, names: list[str], settings: dict, scale_factor: fl
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a latent-shard folder, after checking its format version."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def _read(url: str) -> bytes | None:
+    """A file beside the shards (local or remote), or None when it is not there."""
+    try:
+        return read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except RemoteShardError as exc:
+        if exc.missing:
+            return None
+        raise LatentFormatError(f"cannot read {url}: {exc}") from None
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+HEAD = frozenset({"format", "settings", "scale_factor"})  # what a reader needs; the shard records are not
+
+
+def _members(text: str, needed: frozenset[str] | None) -> dict:
+    """The members of the JSON object ``text``, parsed in order, stopping once all of ``needed`` are found
+    (None: all). A reader needs the first few, not 100,000 shard records (~0.5 s per rank to parse)."""
+    decode = json.JSONDecoder().raw_decode
+    out: dict = {}
+
+    def skip(i: int, expected: str) -> int:
+        i = _SPACE.match(text, i).end()
+        if text[i : i + 1] != expected:
+            raise ValueError(f"expected {expected!r} at character {i}")
+        return _SPACE.match(text, i + 1).end()
+
+    i = skip(0, "{")
+    if text[i : i + 1] == "}":
+        return out
+    while True:
+        key, i = decode(text, i)
+        if not isinstance(key, str):
+            raise ValueError(f"an object key that is not a string before character {i}")
+        value, i = decode(text, skip(i, ":"))
+        out[key] = value
+        if needed is not None and needed <= out.keys():
+            return out
+        i = _SPACE.match(text, i).end()
+        if text[i : i + 1] == "}":
+            return out
+        i = skip(i, ",")
+
+
+def read_manifest(where: str | Path, needed: frozenset[str] | None = None) -> dict:
+    """The manifest of latent shards, after checking its format version. ``where`` is a local folder, or the
+    manifest's own URL (a :class:`~.urls.ShardUrl`, e.g. beside remote shards). With ``needed`` (e.g.
+    :data:`HEAD`), parsing stops once those members are read."""
+    path = where if isinstance(where, ShardUrl) else ShardUrl(str(Path(where) / MANIFEST))
+    data = _read(path)
+    if data is None:
+        folder = path[: -len(MANIFEST) - 1] if path.endswith(MANIFEST) else path
         raise LatentFormatError(f"no {MANIFEST} in {folder}: these are not ldm-precompute latent shards")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
+        manifest = _members(data.decode("utf-8"), needed)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise LatentFormatError(f"{path} is not valid JSON: {exc}") from None
-    version = manifest.get("format") if isinstance(manifest, dict) else None
+    version = manifest.get("format")
     if version != FORMAT:
         raise LatentFormatError(
             f"{path}: latent-shard format {version!r} is not {FORMAT!r} (this version's); re-run ldm-precompute"
@@ -165,52 +211,87 @@ class LatentShardsConfig(StreamConfig):
 
 class LatentDecoder:
     """Raw latent sample -> {mean, std, caption, [text tokens]}: flip choice, caption choice and dropout,
-    seeded per sample like the image decoder (same draws in the same order when flips are off)."""
+    seeded per sample like the image decoder (same draws in the same order when flips are off).
 
-    def __init__(self, cfg: LatentShardsConfig, null_text: torch.Tensor | None = None):
-        self.cfg, self.null_text = cfg, null_text
+    The tensors stay byte ranges of the sample until :meth:`collate` copies a batch's into one tensor each
+    (see :mod:`.rawtensors`). Every sample's mean and std must have the dtype and shape of ``latent``
+    (``(dtype, shape)`` from the manifest; the first sample's when None) and, with ``null_text``, a text-token
+    row of its shape: anything else is a ``bad_latent`` sample, never a batch that cannot be stacked."""
+
+    def __init__(
+        self,
+        cfg: LatentShardsConfig,
+        null_text: torch.Tensor | None = None,
+        latent: tuple[torch.dtype, tuple[int, ...]] | None = None,
+    ):
+        self.cfg, self.null_text, self.latent = cfg, null_text, latent
+        self.text = None if null_text is None else (null_text.dtype, tuple(null_text.shape))
+        self._null = None if null_text is None else tensor_bytes(null_text)
+        self.layouts = Layouts()
+
+    def _bad(self, raw: RawSample, detail: str) -> SampleError:
+        return SampleError("bad_latent", f"{raw.url}:{raw.key}.{LATENT_EXT}: {detail}")
 
     def __call__(self, raw: RawSample, epoch: int) -> dict:
         cfg = self.cfg
+        data = raw.files.get(LATENT_EXT)
+        if not data:
+            raise SampleError("bad_latent", f"{raw.url}:{raw.key} has no .{LATENT_EXT}")
+        try:
+            layout = self.layouts.parse(data)
+        except ValueError as exc:
+            raise self._bad(raw, str(exc)) from None
         rng = sample_rng(cfg.seed, epoch, raw.key)
-        t = unpack(raw)
         text = caption_text(raw, cfg.caption_key)
-        flip = cfg.latent_flip and "mean_flip" in t and rng.random() < 0.5
-        mean, std = (t["mean_flip"], t["std_flip"]) if flip else (t["mean"], t["std"])
+        flip = cfg.latent_flip and "mean_flip" in layout and rng.random() < 0.5
+        mean, std = (
+            (layout.get("mean_flip"), layout.get("std_flip"))
+            if flip
+            else (layout.get("mean"), layout.get("std"))
+        )
+        if mean is None or std is None:
+            raise self._bad(raw, f"no mean/std among {sorted(layout)}")
+        self.latent = self.latent or (mean.dtype, mean.shape)
+        if (mean.dtype, mean.shape) != self.latent or (std.dtype, std.shape) != self.latent:
+            raise self._bad(
+                raw,
+                f"mean/std are {mean.dtype}{list(mean.shape)}, expected {self.latent[0]}{list(self.latent[1])}",
+            )
         index, caption = choose_caption(text, cfg.caption_choice, rng)
         dropped = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
-        item = {
-            "mean": mean,
-            "std": std,
-            "caption": "" if dropped else caption,
-            "key": raw.key,
-            "dropped": dropped,
-        }
+        view = memoryview(data)
         meta = metadata(raw)
-        item["size"] = tuple(meta.get("original_size", (0, 0)))
-        item["crop"] = tuple(meta.get("crop_top_left", (0, 0)))
-        if "text" in t:
-            if dropped and self.null_text is None:
-                raise SampleError(
-                    "bad_latent", f"{raw.url}: text tokens stored but no {NULL_TEXT} beside the shards"
+        item = {"mean": view[mean.start : mean.end], "std": view[std.start : std.end],
+                "caption": "" if dropped else caption, "key": raw.key, "dropped": dropped,
+                "size": tuple(meta.get("original_size", (0, 0))), "crop": tuple(meta.get("crop_top_left", (0, 0)))}  # fmt: skip
+        if self.text is not None:
+            tokens = layout.get("text")
+            if tokens is None or (tokens.dtype, tokens.shape[1:]) != self.text or index >= tokens.shape[0]:
+                got = "none" if tokens is None else f"{tokens.dtype}{list(tokens.shape)}"
+                raise self._bad(
+                    raw,
+                    f"text tokens {got}, expected a row of {self.text[0]}{list(self.text[1])} per caption",
                 )
-            item["text"] = self.null_text if dropped else t["text"][index]
+            row = (tokens.end - tokens.start) // tokens.shape[0]
+            at = tokens.start + index * row
+            item["text"] = self._null if dropped else view[at : at + row]
         return item
 
-
-def collate_latents(items: list[dict]) -> dict:
-    batch = {
-        "latent_mean": torch.stack([it["mean"] for it in items]),
-        "latent_std": torch.stack([it["std"] for it in items]),
-        "caption": [it["caption"] for it in items],
-        "key": [it["key"] for it in items],
-        "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
-        "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
-        "dropped": torch.tensor([it["dropped"] for it in items], dtype=torch.bool),
-    }
-    if "text" in items[0]:
-        batch["text_tokens"] = torch.stack([it["text"] for it in items])
-    return batch
+    def collate(self, items: list[dict]) -> dict:
+        """Stack decoded samples: ``latent_mean`` / ``latent_std`` ``(B, *latent_shape)``, ``text_tokens``, ``dropped``."""
+        dtype, shape = self.latent
+        batch = {
+            "latent_mean": stack([it["mean"] for it in items], dtype, shape),
+            "latent_std": stack([it["std"] for it in items], dtype, shape),
+            "caption": [it["caption"] for it in items],
+            "key": [it["key"] for it in items],
+            "original_size": torch.tensor([it["size"] for it in items], dtype=torch.long),
+            "crop_top_left": torch.tensor([it["crop"] for it in items], dtype=torch.long),
+            "dropped": torch.tensor([it["dropped"] for it in items], dtype=torch.bool),
+        }
+        if self.text is not None:
+            batch["text_tokens"] = stack([it["text"] for it in items], *self.text)
+        return batch
 
 
 class LatentShards:
@@ -232,15 +313,16 @@ class LatentShards:
         self.manifest  # noqa: B018  (reads and checks it)
 
     @property
-    def folder(self) -> Path:
-        return Path(self.shards()[0]).parent
+    def folder(self) -> str:
+        """Where the (first) shards are: a local folder or a remote URL's folder."""
+        return beside(self.shards()[0], MANIFEST)[: -len(MANIFEST) - 1]
 
     @property
     def manifest(self) -> dict:
         """The checked manifest beside the (first) shards."""
         if self._manifest is None:
-            cfg, manifest = self.config, read_manifest(self.folder)
-            where = self.folder / MANIFEST
+            where = beside(self.shards()[0], MANIFEST)
+            cfg, manifest = self.config, read_manifest(where, HEAD)
             resolution = manifest["settings"]["resolution"]
             if resolution != cfg.resolution:
                 raise LatentFormatError(
@@ -284,6 +366,12 @@ class LatentShards:
         manifest = self.manifest
         null_text = None
         if manifest["settings"]["text_tokens"]:
-            null_text = load_tensors((self.folder / NULL_TEXT).read_bytes())["text"]
-        decode = LatentDecoder(self.config, null_text)
-        return StreamingLoader(self.config, decode, collate_latents, rank, world_size, self.shards())
+            where = beside(self.shards()[0], NULL_TEXT)
+            data = _read(where)
+            if data is None:
+                raise LatentFormatError(f"{where} is missing: the manifest says text tokens are stored")
+            null_text = load_tensors(data)["text"]
+        settings = manifest["settings"]
+        latent = (DTYPES[settings["dtype"]], tuple(settings["latent_shape"]))
+        decode = LatentDecoder(self.config, null_text, latent)
+        return StreamingLoader(self.config, decode, decode.collate, rank, world_size, self.shards())

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from .atomic import atomic_json, fsync_dir
 from .errors import NoValidSampleError, SampleError
 from .samples import IMAGE_EXTS, ImageLimits, caption_text, decode_rgb
 from .tario import RawSample
@@ -55,6 +56,7 @@ class AtomicShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         self._tar.close()
@@ -206,7 +208,7 @@ def from_folder(
         "skipped": skipped,
         "per_shard": {Path(r["shard"]).name: r["count"] for r in results},
     }
-    (outdir / "dataset.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    atomic_json(outdir / "dataset.json", summary)
     return summary
 
 

@@ -26,12 +26,14 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data_pipeline.atomic import atomic_write
 from trainer.config import ConfigError, compose
 from trainer.engine.guards import PREEMPTED_MARKER
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Job:
     # (config, whether its files must exist now) -> None; raises ConfigError
     check: Callable[[DictConfig, bool], object]
     exports: bool  # the script exports the final checkpoint (launcher.export_at_end)
+    resume_note: str  # what a requeued job does
 
 
 def _check_train(cfg: DictConfig, check_files: bool) -> None:
@@ -57,9 +60,10 @@ def _check_train(cfg: DictConfig, check_files: bool) -> None:
 JOBS = {
     "train": Job("trainer.cli.train", "train_schema", "train.sbatch.j2",
                  lambda c: f"ldm-train, task={c.task._target_.rsplit('.', 1)[-1]}", lambda c: c.run_dir,
-                 _check_train, exports=True),
+                 _check_train, exports=True, resume_note="it resumes from the checkpoint"),
     "precompute": Job("trainer.cli.precompute", "precompute_schema", "precompute.sbatch.j2",
-                      lambda c: "ldm-precompute", lambda c: c.out, lambda c, d: None, exports=False),
+                      lambda c: "ldm-precompute", lambda c: c.out, lambda c, d: None, exports=False,
+                      resume_note="finished shards are kept"),
 }  # fmt: skip
 
 
@@ -90,6 +94,21 @@ LAUNCHES = {
 }
 
 
+def env_value(value) -> str:
+    """A double-quoted shell word: ``$VAR`` / ``${VAR}`` expand on the cluster ($HOME, $SLURM_JOB_ID), but
+    command substitution, backticks and quotes are literal."""
+    escaped = re.sub(r'(["\\`])', r"\\\1", str(value)).replace("$(", "\\$(")
+    return f'"{escaped}"'
+
+
+def sbatch_value(value) -> str:
+    """An ``#SBATCH`` directive's value: sbatch reads it double-quoted (spaces allowed, never a shell)."""
+    text = str(value)
+    if '"' in text:
+        raise ConfigError(f"{text!r}: a double quote cannot go into an #SBATCH directive")
+    return f'"{text}"'
+
+
 def compose_config(kind: str, overrides: list[str]) -> DictConfig:
     """The config ``ldm-train`` (kind=train) or ``ldm-precompute`` would run with these overrides."""
     return compose(kind, overrides)
@@ -100,10 +119,14 @@ def python_of(launcher) -> str:
     return launcher.python or sys.executable
 
 
-def check_values(launcher, run_name: str) -> None:
-    """Refuse values that cannot be rendered safely into a script (newlines, control characters, bad names)."""
+def check_values(cfg: DictConfig, job: Job, name: str) -> None:
+    """Refuse values that cannot be rendered safely into a script: newlines or control characters anywhere
+    (they would end a comment or an #SBATCH line and start a command), bad variable or file names."""
+    launcher = cfg.launcher
     values = {f"launcher.{k}": v for k, v in OmegaConf.to_container(launcher, resolve=True).items()}
-    values["run_name"] = run_name
+    values |= {"run_name": cfg.run_name, "the run folder": str(job.output(cfg))}
+    if "checkpoint" in cfg:
+        values["checkpoint.dir"] = cfg.checkpoint.dir
     for key, value in values.items():
         items = (
             value.items()
@@ -123,6 +146,8 @@ def check_values(launcher, run_name: str) -> None:
             raise ConfigError(f"launcher.env: {k!r} is not a valid environment variable name")
     if launcher.launch not in LAUNCHES:
         raise ConfigError(f"launcher.launch must be one of {sorted(LAUNCHES)}, got {launcher.launch!r}")
+    if not _FILE_NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: job file names are letters, digits, '.', '_' and '-'")
 
 
 def job_config_yaml(cfg: DictConfig, job: Job, run_dir: Path) -> str:
@@ -137,13 +162,13 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
     """The sbatch script for ``cfg``; with ``write``, also ``<folder>/<name>.yaml`` (the resolved config the job
     runs) and ``<folder>/<name>.sbatch``. Returns the script's path and text."""
     job, launcher = JOBS[kind], cfg.launcher
-    check_values(launcher, cfg.run_name)
+    check_values(cfg, job, name)
     launch = LAUNCHES[launcher.launch]
     run_dir = Path(job.output(cfg)).resolve()
     config_file = folder / f"{name}.yaml"
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(job_config_yaml(cfg, job, run_dir))
+        atomic_write(config_file, job_config_yaml(cfg, job, run_dir))
     q = shlex.quote
     py = q(python_of(launcher))
     tasks = launch.tasks(launcher)
@@ -156,8 +181,11 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
         loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True
     )
     env.filters["q"] = lambda v: q(str(v))
+    env.filters["sq"] = (
+        sbatch_value  # an #SBATCH directive's value (sbatch reads double quotes, not the shell)
+    )
     # environment values are expanded by the job's shell on the cluster ($HOME, $SLURM_JOB_ID, ...)
-    env.filters["dq"] = lambda v: '"' + re.sub(r'(["\\`])', r"\\\1", str(v)) + '"'
+    env.filters["dq"] = env_value
     script_path = folder / f"{name}.sbatch"
     text = env.get_template(job.template).render(
         description=f"{job.describe(cfg)}: {launcher.nodes} node(s) x {tasks} task(s)",
@@ -172,9 +200,10 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
         stop_signal=launch.stop_signal,
         preempted_marker=q(str(run_dir / PREEMPTED_MARKER)),
         export_command=export,
+        resume_note=job.resume_note,
     )
     if write:
-        script_path.write_text(text)
+        atomic_write(script_path, text)
         script_path.chmod(0o755)
     return script_path, text
 

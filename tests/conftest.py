@@ -121,6 +121,23 @@ def img2dataset_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory):
+    """A (random) tiny autoencoder saved as our export: every run that uses it gets these exact weights."""
+    import json
+
+    from presets import model as preset_model
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("ae")
+    model = preset_model("autoencoder/tiny", seed=123)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
+    )
+    (folder / "autoencoder.json").write_text(json.dumps({"scale_factor": 0.5}))
+    return folder, model.eval()
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster():
     """A real two-node Slurm cluster on this machine (slurm/localcluster.py), installed and started when it is
     missing (as root). When that cannot be done here, the tests that need it fail with one line naming the

@@ -90,7 +90,7 @@ def test_class_cond_trains_resumes_and_samples_with_unet_num_classes(tmp_path, s
     """The class labels (the .json class_id) reach both the cross-attention tokens and, with unet.num_classes,
     the UNet's label embedding: its weights move in training (they once got no label at all)."""
     ckpt = train_and_resume(tmp_path, synth_labelled, "class_cond_shapes", ("unet.num_classes=25",))
-    first = load_file(str(ckpt / "step_00000002" / "ema.safetensors"))
+    first = trained_weights(ckpt / "step_00000002")  # the EMA, stitched from its per-rank fragments
     last = trained_weights(checkpoint_folder(ckpt))
     assert not torch.equal(first["unet.label_emb.weight"], last["unet.label_emb.weight"])
     label = str(held_out["class_id"])

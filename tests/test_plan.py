@@ -74,3 +74,42 @@ def test_bad_resolution_and_typos_fail_naming_the_key(override, message):
     cfg = compose("info", ["unet=tiny", "autoencoder=tiny", "text_encoder=tiny_clip", override])
     with pytest.raises(ConfigError, match=message):
         info(cfg)
+
+
+def test_dry_run_sizes_the_job_per_rank_and_its_step_time(tmp_path):
+    """Activations grow with the micro-batch, the EMA is fp32 split over the ranks, the step time follows from
+    the FLOPs, the GPU's peak and the MFU; an unknown GPU is refused by name."""
+    from trainer.plan import GPUS, job_plan
+    from trainer.train import plan
+
+    def job(*extra):
+        cfg = compose("train", ["experiment=tiny_cpu", f"run_dir={tmp_path}", "plan.world_size=16", *extra])
+        return plan(cfg)
+
+    one, four = job("data.batch_size=1"), job("data.batch_size=4", "plan.gpu=a100", "plan.mfu=0.5")
+    per_sample = one["activation_bytes_per_sample"]
+    assert per_sample > 0 and four["job"]["memory_per_rank_bytes"]["activations"] == 4 * per_sample
+    trainable = sum(m["trainable"] for m in one["modules"].values())
+    assert one["job"]["memory_per_rank_bytes"]["ema"] == 4 * trainable // 16
+    flops = four["flops_per_sample"]["train_step_encoding_images"]  # data=synthetic: images encoded each step
+    assert four["job"]["step_time_s"] == pytest.approx(flops * 4 / (GPUS["a100"] * 1e12 * 0.5))
+    assert four["job"]["global_batch"] == 4 * 16
+    with pytest.raises(ConfigError, match=r"plan\.gpu='tpu9'"):
+        job_plan(one, compose("train", ["experiment=tiny_cpu", "plan.gpu=tpu9"]), 16)
+
+
+def test_activation_count_matches_a_hand_count():
+    from trainer.plan import activation_bytes_per_sample
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x, t, ctx, y):
+            return self.b(torch.relu(self.a(x)))
+
+    with torch.device("meta"):
+        m, x = Two(), torch.randn(3, 8)
+    # saved: x (for a's weight grad), relu's output (for relu and for b's weight grad): 3*8 + 3*16 values
+    assert activation_bytes_per_sample(m, x, None, None, None, 2) == 2 * (3 * 8 + 3 * 16)

@@ -5,10 +5,12 @@ counting as non-finite steps while a NaN loss still does."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
-from trainrun import losses, metrics, run
+import torch.multiprocessing as mp
+from trainrun import free_port, losses, metrics, run
 
 from trainer.config import compose
 from trainer.engine.deepspeed_setup import ds_config
@@ -50,3 +52,54 @@ def test_fp16_trains_with_dynamic_loss_scaling(tmp_path, synth_shards, zero_stag
     if zero_stage == 2:
         assert scales[2] < 2**24  # it overflowed at 2^24 and halved
     assert sorted(losses(rows)) == list(range(1, 11))
+
+
+def _stage0_masters(rank: int, port: int, name: str, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR="cpu")  # fmt: skip
+    import deepspeed
+
+    from trainer.engine.deepspeed_setup import make_engine, step
+    from trainer.engine.ema import ShardedEMA, full_fp32_params
+    from trainer.engine.optim import AdamWConfig
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    prec = precision(name)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.GELU(), torch.nn.Linear(33, 5)).to(
+        prec.dtype
+    )
+    eng = make_engine(
+        model, DeepSpeedConfig(zero_stage=0), AdamW(AdamWConfig(weight_decay=0.0)), 4, prec, 1e-5
+    )
+    ema = ShardedEMA(0.5, 0, 1)
+    ema.attach(eng.module, initialize=True)
+    for _ in range(3):
+        loss = eng(torch.randn(4, 7).to(prec.dtype)).float().pow(2).mean()
+        eng.backward(loss)
+        step(eng, [loss])
+        ema.update()
+    masters = [m for group in eng.optimizer.fp32_groups for m in group]
+    full = dict(full_fp32_params(eng.module, 0, True))
+    result = {
+        "optimizer": type(eng.optimizer).__name__,
+        "fragments_fp32": all(f.view.dtype == torch.float32 for f in ema.fragments),
+        "gathered_are_masters": all(torch.equal(full[n], m) for n, m in zip(full, masters, strict=True)),
+        "differs_from_16bit": any(
+            not torch.equal(full[n], p.float()) for n, p in eng.module.named_parameters()
+        ),
+    }
+    torch.save(result, f"{folder}/result.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_zero0_16bit_keeps_fp32_masters_and_the_ema_follows_them(tmp_path, name):
+    """At ZeRO-0 DeepSpeed wraps the optimizer in its fp16 optimizer (for bf16 too): fp32 master weights beside
+    the 16-bit module. The sharded EMA and the gathered weights read those masters, not their 16-bit roundings."""
+    mp.start_processes(
+        _stage0_masters, args=(free_port(), name, str(tmp_path)), nprocs=1, start_method="spawn"
+    )
+    result = torch.load(tmp_path / "result.pt")
+    assert result == {"optimizer": "FP16_UnfusedOptimizer", "fragments_fp32": True, "gathered_are_masters": True,
+                      "differs_from_16bit": True}  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 from presets import model as preset_model
 from safetensors.torch import save_file
-from trainrun import ROOT, TORCHRUN, env, metrics, run, wait_paused_then_kill
+from trainrun import ROOT, TORCHRUN, env, free_port, metrics, run, wait_paused_then_kill
 
 from data_pipeline.latents import LATENT_EXT, MANIFEST
 from data_pipeline.samples import ImageLimits, decode_rgb
@@ -20,18 +20,6 @@ from data_pipeline.urls import expand_shards
 from data_pipeline.validate import validate_shards
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory):
-    """A (random) tiny autoencoder saved as our export: every run here uses these exact weights."""
-    folder = tmp_path_factory.mktemp("ae")
-    model = preset_model("autoencoder/tiny", seed=123)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "autoencoder.safetensors")
-    )
-    (folder / "autoencoder.json").write_text(json.dumps({"scale_factor": 0.5}))
-    return folder, model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +35,7 @@ def precompute_cmd(out, data, ae, extra=()) -> list[str]:
     return [
         TORCHRUN,
         "--nproc_per_node=2",
-        "--master_port=29733",
+        f"--master_port={free_port()}",
         "-m",
         "trainer.cli.precompute",
         f"out={out}",

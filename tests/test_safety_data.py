@@ -424,9 +424,9 @@ def test_bad_number_in_a_subprocess_is_one_line_and_writes_nothing(tmp_path):
             "validate pipe:ls",
             "ldm-data: refusing shard URL 'pipe:ls': pipe: URLs run shell commands; allow them",
         ),
-        ("validate http://x/y.tar", "ldm-data: unsupported shard URL 'http://x/y.tar': use a local path"),
+        ("validate foo://x/y.tar", "ldm-data: unsupported shard URL 'foo://x/y.tar': use a local path"),
     ],
-    ids=["pipe-without-allow-pipe", "remote-url"],
+    ids=["pipe-without-allow-pipe", "unknown-scheme"],
 )
 def test_refused_urls_are_one_line_without_traceback(args, message, tmp_path):
     out = run_cli(args, cwd=tmp_path)
@@ -435,7 +435,7 @@ def test_refused_urls_are_one_line_without_traceback(args, message, tmp_path):
     assert out.stdout == "" and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args", ["stream pipe:ls", "stream http://x/y.tar", "validate {missing}"])
+@pytest.mark.parametrize("args", ["stream pipe:ls", "stream foo://x/y.tar", "validate {missing}"])
 def test_refused_sources_in_process(args, tmp_path, capsys):
     from data_pipeline.cli import main
 

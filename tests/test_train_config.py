@@ -31,6 +31,12 @@ BAD = [
         "zero_stage must be 0-2",
     ),
     (["task=unet", "data=latents"], "latent"),
+    (["precision=bf16", "deepspeed.zero_stage=0"], "no fp32 master copy"),
+    (
+        ["eval.every=5", "eval.adherence=true", "eval.prompts=[a photo of a cat]"],
+        "synthetic-set prompts only",
+    ),
+    (["eval.every=5", "eval.inception_weights=/nonexistent/pt_inception.pth"], "eval.inception_weights"),
 ]
 
 
@@ -43,6 +49,11 @@ def test_bad_config_fails_before_anything_runs(tmp_path, synth_shards, overrides
     with pytest.raises((ConfigError, FileNotFoundError, ValueError), match=message):
         cfg = train_config(tmp_path, synth_shards, overrides)
         prepare(cfg)
+
+
+def test_fp16_at_zero_stage_0_is_accepted(tmp_path, synth_shards):
+    """Only bf16 is refused at ZeRO-0: fp16 gets DeepSpeed's fp16 optimizer there, which keeps fp32 masters."""
+    prepare(train_config(tmp_path, synth_shards, ["precision=fp16", "deepspeed.zero_stage=0"]))
 
 
 def test_cli_prints_one_line_and_exits_2_on_a_bad_config(tmp_path, synth_shards):

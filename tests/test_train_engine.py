@@ -95,9 +95,11 @@ def test_kill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, syn
     assert where == "save 10"
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000005"
-    assert (ckpts / "step_00000010" / "model").is_dir() and not (
-        ckpts / "step_00000010" / "COMMITTED"
-    ).exists()
+    partial = ckpts / ".step_00000010.partial"  # written so far, hidden, never taken for a checkpoint
+    assert (
+        (partial / "model").is_dir() and (partial / "ema").is_dir() and not (partial / "COMMITTED").exists()
+    )
+    assert not (ckpts / "step_00000010").exists()
     assert checkpoint_folder(ckpts).name == "step_00000005"
     run(tmp_path, synth_shards, common)
     rows = metrics(tmp_path)

@@ -16,6 +16,15 @@ PY = sys.executable
 TORCHRUN = str(Path(PY).with_name("torchrun"))
 
 
+def free_port() -> int:
+    """A port no other process listens on now (concurrent test sessions must not share a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env() -> dict:
     e = dict(os.environ)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -44,7 +53,7 @@ def command(
         TORCHRUN,
         f"--nproc_per_node={nproc}",
         "--master_port",
-        str(20000 + os.getpid() % 20000),
+        str(free_port()),
         "-m",
         "trainer.cli.train",
         *base,

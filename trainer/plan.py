@@ -93,6 +93,76 @@ def zero_memory(trainable: int, frozen: int, world_size: int, precision: str) ->
     return out
 
 
+GPUS = {  # peak dense bf16 tensor TFLOP/s (vendor data sheets, SXM parts)
+    "v100": 125.0,  # fp16
+    "a100": 312.0,
+    "a10g": 70.0,
+    "l40s": 362.0,
+    "h100": 989.0,
+    "h200": 989.0,
+    "b200": 2250.0,
+    "mi250x": 383.0,
+    "mi300x": 1307.0,
+}
+
+
+def activation_bytes_per_sample(unet, x, t, ctx, y, bytes_per_value: int) -> int:
+    """Bytes autograd keeps for backward through one training forward of one sample (meta tensors: tensors
+    saved for backward, parameters excluded, each counted once). With the math attention it includes the
+    attention matrices; flash/memory-efficient attention keeps far less of those."""
+    params = {id(p) for p in unet.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        weight = id(tensor) in params or id(tensor._base) in params  # a parameter or a view of one (W.t())
+        if not weight and id(tensor) not in seen and tensor.is_floating_point():
+            seen.add(id(tensor))
+            total += tensor.numel() * bytes_per_value
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        unet(x, t, ctx, y)
+    return total
+
+
+def job_plan(plan: dict, cfg, world_size: int) -> dict:
+    """Per-rank memory (model states at the configured ZeRO stage, activations at the configured micro-batch,
+    the EMA fragments) and the step time at ``plan.mfu`` of ``plan.gpu``'s peak, for ``ldm-train dry_run``."""
+    gpu = cfg.plan.gpu.lower()
+    if gpu not in GPUS:
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} is not one of {sorted(GPUS)}")
+    if not 0 < cfg.plan.mfu <= 1:
+        raise ConfigError(f"plan.mfu={cfg.plan.mfu} must be in (0, 1]")
+    batch, accum = cfg.data.batch_size, cfg.deepspeed.grad_accum
+    states = plan["zero_model_states_per_rank_bytes"][f"stage_{cfg.deepspeed.zero_stage}"]["total"]
+    activations = plan["activation_bytes_per_sample"] * batch
+    trainable = sum(m["trainable"] for m in plan["modules"].values())
+    ema = 4 * trainable // world_size if cfg.ema.enabled else 0  # fp32, sharded like the optimizer
+    from_latents = "latent" in str(cfg.data.get("_target_", ""))
+    flops = plan["flops_per_sample"][
+        "train_step_from_latents" if from_latents else "train_step_encoding_images"
+    ]
+    step = flops * batch * accum / (GPUS[gpu] * 1e12 * cfg.plan.mfu)
+    return {
+        "world_size": world_size,
+        "micro_batch_per_rank": batch,
+        "global_batch": batch * accum * world_size,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "memory_per_rank_bytes": {
+            "model_states": states,
+            "activations": activations,
+            "ema": ema,
+            "total": states + activations + ema,
+        },
+        "gpu": gpu,
+        "mfu": cfg.plan.mfu,
+        "step_time_s": step,
+        "samples_per_s": batch * accum * world_size / step,
+    }
+
+
 def build_plan(unet, autoencoder, text_encoder, resolution: int, world_size: int, precision: str) -> dict:
     """The JSON plan printed by ``ldm-info`` (and ``ldm-train dry_run=true``)."""
     if resolution % (autoencoder.config.downsampling * unet.config.downsampling if autoencoder else 1):
@@ -110,8 +180,19 @@ def build_plan(unet, autoencoder, text_encoder, resolution: int, world_size: int
         "resolution": resolution,
         "latent_size": resolution // (autoencoder.config.downsampling if autoencoder else 1),
         "flops_per_sample": flops_per_sample(unet, autoencoder, text_encoder, resolution),
+        "activation_bytes_per_sample": _activations(unet, autoencoder, resolution, precision),
         "zero_model_states_per_rank_bytes": zero_memory(trainable, frozen, world_size, precision),
     }
+
+
+def _activations(unet, autoencoder, resolution: int, precision: str) -> int:
+    f = autoencoder.config.downsampling if autoencoder is not None else 1
+    c = unet.config
+    x = torch.randn(1, c.in_channels, resolution // f, resolution // f, device="meta")
+    ctx = torch.randn(1, 77, c.context_dim, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta") if c.num_classes else None
+    t = torch.zeros(1, device="meta")
+    return activation_bytes_per_sample(unet, x, t, ctx, y, precision_named(precision).dtype.itemsize)
 
 
 def plan_for(unet_node, ae_node, text_node, resolution: int, world_size: int, precision: str) -> dict:

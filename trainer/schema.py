@@ -41,7 +41,16 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999
     every: int = 1  # update every N steps
-    on_cpu: bool = False  # keep rank 0's fp32 EMA copy in host memory
+    on_cpu: bool = False  # keep each rank's fp32 EMA fragments in host memory
+
+
+@dataclass
+class PlanConfig:
+    """What ``dry_run=true`` sizes the job for (see trainer/plan.py)."""
+
+    gpu: str = "h100"  # peak dense bf16 TFLOP/s from trainer.plan.GPUS (a100, h100, h200, l40s, ...)
+    mfu: float = 0.4  # model FLOPs utilization assumed for the step time
+    world_size: int = 0  # ranks to plan for; 0: the launcher's (1 on a login node)
 
 
 @dataclass
@@ -50,13 +59,25 @@ class EvalConfig:
 
     every: int = 0  # 0: never (autoencoder stage: reconstructions of fixed inputs)
     prompts: list[str] = field(default_factory=lambda: ["a red circle in the top left"])
+    prompts_file: str = ""  # one prompt per line; replaces ``prompts``
+    seed: int = 0  # prompt i is sampled with seed ``seed + i`` (the same images on any number of ranks)
     steps: int = 20
     guidance: float = 3.0
+    # metrics on the prompt set, computed every ``every`` steps across the ranks (any of these turns them on)
+    inception_weights: str = (
+        ""  # FID Inception weights file (pt_inception-2015-12-05): features for FID/KID/PRC/IS
+    )
+    ref_stats: str = ""  # reference statistics from ``ldm-eval ref`` (FID; KID and precision/recall when it holds features)
+    clip_weights: str = ""  # an OpenCLIP checkpoint for the CLIP score
+    clip_model: str = "ViT-B-32"
+    adherence: bool = False  # rule-based adherence, for prompts of the synthetic captioned-shapes set
+    batch_size: int = 8
 
 
 @dataclass
 class GuardConfig:
     max_consecutive_bad: int = 3  # this many non-finite steps in a row roll back to the last checkpoint
+    max_rollbacks: int = 3  # more rollbacks than this with no good step in between end the run (exit code 3)
 
 
 @dataclass
@@ -134,6 +155,7 @@ class TrainConfig:
     logger: Any = MISSING  # trainer.engine.loggers.JsonlLogger | WandbLogger
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     launcher: SlurmConfig = field(default_factory=SlurmConfig)  # used by ldm-submit (conf/launcher)

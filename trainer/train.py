@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -27,18 +28,22 @@ from tqdm import tqdm
 from data_pipeline.atomic import atomic_save, atomic_write
 from data_pipeline.errors import REASONS
 from data_pipeline.loader import DataSource
+from data_pipeline.lock import FolderLock
 
 from .config import ConfigError, build
 from .diffusion.objectives import Diffusion
 from .engine import distributed as D
 from .engine.checkpoint import Checkpointer, resolve_resume
-from .engine.ema import EMA, full_fp32_params
+from .engine.deepspeed_setup import grad_norm
+from .engine.ema import ShardedEMA, full_fp32_params
 from .engine.guards import PREEMPTED_MARKER, Faults, NonFiniteGuard, StopSignal
 from .engine.loggers import Logger, git_commit, new_run_id
 from .engine.optim import LRSchedule, Optimizer
 from .engine.precision import Precision, precision
 from .engine.rng import seed_everything
+from .evaluate.periodic import check_eval, eval_metrics, eval_prompts, evaluate_prompts, result_paths
 from .inference.images import grid_image
+from .inference.pipeline import GenerateOptions
 from .schema import TrainConfig
 from .tasks.base import Task, TaskContext
 
@@ -57,12 +62,23 @@ class Parts:
     models: dict[str, nn.Module]
 
 
+AT_LEAST = {  # numbers that must be at least this (a 0 would divide by zero or silently do nothing)
+    "max_steps": 1, "checkpoint.every": 1, "checkpoint.keep_last": 0, "logger.log_every": 1, "ema.every": 1,
+    "data.batch_size": 1, "data.num_workers": 0, "deepspeed.grad_accum": 1, "eval.every": 0, "eval.steps": 1,
+    "guard.max_consecutive_bad": 0, "guard.max_rollbacks": 0,
+}  # fmt: skip
+
+
 def check_schema(cfg: DictConfig) -> None:
-    """Strictly, again: Hydra's ``+key=value`` may have added keys the schema does not know."""
+    """Strictly, again: Hydra's ``+key=value`` may have added keys the schema does not know; then the numbers."""
     try:
         OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=False))
     except Exception as exc:
         raise ConfigError(f"config does not match the schema: {exc}") from None
+    for key, least in AT_LEAST.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < least:
+            raise ConfigError(f"{key}={value}: must be at least {least}")
 
 
 def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True) -> Parts:
@@ -73,6 +89,12 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True)
         prec = precision(cfg.precision)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if prec.mixed and not prec.loss_scaling and cfg.deepspeed.zero_stage == 0:  # fp16 at ZeRO-0: see below
+        raise ConfigError(
+            f"precision={cfg.precision} with deepspeed.zero_stage=0: DeepSpeed would train the bf16 weights "
+            "themselves, with no fp32 master copy (updates rounded to bf16); use deepspeed.zero_stage=1 or more "
+            "(on one GPU ZeRO-1 costs the same memory as ZeRO-0 and keeps fp32 master weights)"
+        )  # fp16 at ZeRO-0 gets DeepSpeed's FP16_Optimizer, with fp32 master weights and the dynamic loss scale
     Diffusion.from_node(cfg.diffusion)
     parts = Parts(
         cfg,
@@ -90,22 +112,29 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True)
             parts.data.check()
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"data.urls: {exc}") from None
+        if cfg.eval.every:
+            try:
+                check_eval(cfg.eval)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
     if load_models:
         parts.models = parts.task.build_models(cfg)
     return parts
 
 
 def plan(cfg: DictConfig) -> dict:
-    """What ``dry_run=true`` prints: parameters, FLOPs per sample, ZeRO memory per rank."""
-    from .plan import plan_for
+    """What ``dry_run=true`` prints: parameters, FLOPs per sample, ZeRO memory, and the job at this config's
+    batch, ZeRO stage and ``plan.world_size`` ranks: memory per rank and step time on ``plan.gpu``."""
+    from .plan import job_plan, plan_for
 
-    world = D.detect().world_size
-    return plan_for(cfg.unet, cfg.autoencoder, cfg.text_encoder, cfg.data.resolution, world, cfg.precision)
+    world = cfg.plan.world_size or D.detect().world_size
+    out = plan_for(cfg.unet, cfg.autoencoder, cfg.text_encoder, cfg.data.resolution, world, cfg.precision)
+    return out | {"job": job_plan(out, cfg, world)}
 
 
 def train(cfg: DictConfig) -> int:
     """Train; returns the exit code (0 also after a stop signal: see engine/guards.py)."""
-    seed_everything(cfg.seed * 1000 + D.detect().rank)  # before the models are initialised
+    seed_everything(cfg.seed)  # the same initial weights on every rank (frozen modules are not broadcast)
     parts = prepare(cfg, load_models=not cfg.dry_run, check_files=not cfg.dry_run)
     if cfg.dry_run:
         print(json.dumps(plan(cfg), indent=2))
@@ -129,6 +158,8 @@ class Run:
         print(f"[ldm] rank {env.rank}/{env.world_size} on node {node} (local rank {env.local_rank}, "
               f"{env.launcher}, {self.device})", flush=True)  # fmt: skip
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        seed_everything(cfg.seed * 1000 + env.rank)  # each rank's own noise and dropout from here on
+        self.lock = FolderLock(self.run_dir, "ldm-train run") if env.is_main else None
         if env.is_main:
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             atomic_write(self.run_dir / "config.yaml", self.config_yaml)
@@ -144,13 +175,15 @@ class Run:
             cfg, self.device, env.rank, env.world_size, parts.precision, parts.optim, parts.data
         )
         self.task.setup(ctx, parts.models)
-        if env.is_main:
-            self.task.save_frozen(self.ckpt_dir / "frozen")
-        self.ema = EMA(cfg.ema.decay, cfg.ema.on_cpu, env.is_main) if cfg.ema.enabled else None
-        if self.ema is not None:
-            self.ema.initialize(self.task.ema_module(), cfg.deepspeed.zero_stage, parts.precision.mixed)
-        self.ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
-        self.guard = NonFiniteGuard(cfg.guard.max_consecutive_bad)
+        self.task.save_frozen(self.ckpt_dir / "frozen", write=env.is_main)
+        self.ema = None
+        if cfg.ema.enabled:  # each rank: the EMA of the fp32 fragments it owns
+            self.ema = ShardedEMA(cfg.ema.decay, env.rank, env.world_size, cfg.ema.on_cpu)
+            self.ema.attach(self.task.ema_module(), initialize=True)
+        self.ckpt = Checkpointer(
+            self.ckpt_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, self.device
+        )
+        self.guard = NonFiniteGuard(cfg.guard.max_consecutive_bad, cfg.guard.max_rollbacks)
         self.stop = StopSignal()
         self.faults = Faults(cfg.faults, self.run_dir, env.rank, env.world_size)
         self.state = {"step": 0, "samples_seen": 0, "wandb_id": "", "nonfinite_steps": 0, "rollbacks": 0}
@@ -159,6 +192,8 @@ class Run:
             **OmegaConf.to_container(cfg, resolve=True),
         }
         self.saved_at, self.stopped_by_signal = 0, False
+        self.eval_prompts = eval_prompts(cfg.eval)
+        self.eval_metrics = eval_metrics(cfg.eval, self.device) if cfg.eval.every else None
 
     # -- resume ------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -179,7 +214,8 @@ class Run:
 
     def _load(self, folder: Path, restore_data: bool) -> dict:
         engines, generators = self.task.engines(), self.task.generators()
-        return self.ckpt.load(folder, engines, self.loader, generators, self.ema, restore_data)
+        module = self.task.ema_module()
+        return self.ckpt.load(folder, engines, self.loader, generators, self.ema, module, restore_data)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -215,19 +251,18 @@ class Run:
         if self.guard.record(applied):
             self.rollback(step)
         elif applied and self.ema is not None and step % cfg.ema.every == 0:
-            self.ema.update(task.ema_module(), cfg.deepspeed.zero_stage, self.precision.mixed)
+            self.ema.update()
         if step % self.logger.config.log_every == 0 or step == cfg.max_steps:
             metrics = self.metrics(losses, factor, time.perf_counter() - t0, wait, applied)
             self.logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         if cfg.eval.every and step % cfg.eval.every == 0:
             self.sample_grid(step)
-        stopping = D.all_reduce_max(float(self.stop.received is not None), self.device) > 0
-        if (
-            stopping
-            or step % cfg.checkpoint.every == 0
-            or (step == cfg.max_steps and cfg.checkpoint.save_final)
-        ):
+        stopping = D.any_rank(self.stop.received is not None)  # host-side: no device sync
+        due = step % cfg.checkpoint.every == 0 or (step == cfg.max_steps and cfg.checkpoint.save_final)
+        if (stopping or due) and self.guard.in_streak:  # never save what a non-finite streak left behind
+            self.logger.event("checkpoint_skipped", step=step, reason="non-finite streak")
+        elif stopping or due:
             self.save(step)
         self.faults.pause_after_step(step)
         return stopping
@@ -239,7 +274,7 @@ class Run:
                 f"{self.guard.consecutive} non-finite steps in a row and no checkpoint to roll back to"
             )
         self._load(target, restore_data=False)
-        self.guard.rolled_back()
+        self.guard.rolled_back(step)
         self.logger.event("rollback", step=step, to=str(target), nonfinite_steps=self.guard.total)
 
     def metrics(self, losses: list, factor: float, step_time: float, wait: float, applied: bool) -> dict:
@@ -269,16 +304,40 @@ class Run:
             "data/valid": sums[4],
             "step_applied": int(applied),
         }
-        norm = self.task.engines()["model"].get_global_grad_norm()  # None where DeepSpeed computes none
+        norm = grad_norm(self.task.engines()["model"])
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics |= {f"data/skipped_{r}": v for r, v in zip(REASONS, sums[5:], strict=True) if v}
         return metrics | {k: float(v) for k, v in self.task.metrics().items()}
 
+    def sampling_weights(self) -> dict[str, torch.Tensor]:
+        """The full weights to sample with on every rank: the EMA (one all-reduce), else the raw fp32 weights."""
+        if self.ema is not None:
+            return self.ema.full()
+        module, zero = self.task.ema_module(), self.cfg.deepspeed.zero_stage
+        return dict(full_fp32_params(module, zero, self.precision.mixed))
+
     def sample_grid(self, step: int) -> None:
+        """Every ``eval.every`` steps, with the EMA weights: the prompt set's metrics across the ranks (when
+        ``eval.*`` asks for any) and a sample grid, logged."""
         e = self.cfg.eval
-        images, caption = self.task.samples(list(e.prompts), e.steps, e.guidance)
-        if images is not None and self.env.is_main:
+        weights = self.sampling_weights()
+        pipeline = self.task.sampling_pipeline(weights) if self.eval_metrics is not None else None
+        if pipeline is not None:  # every rank samples its share of the prompts
+            seeds = [e.seed + i for i in range(len(self.eval_prompts))]
+            opts = GenerateOptions(steps=e.steps, guidance=e.guidance)
+            result = evaluate_prompts(pipeline, self.eval_prompts, seeds, opts, self.eval_metrics, step,
+                                      self.run_dir / "eval", self.env.rank, self.env.world_size)  # fmt: skip
+            if self.env.is_main:
+                self.logger.log(step, {f"eval/{k}": v for k, v in result.items()})
+                grid = result_paths(self.run_dir / "eval", step)[1]
+                if grid.is_file():
+                    self.logger.image(step, "samples", Image.open(grid), " | ".join(self.eval_prompts[:16]))
+            return
+        if not self.env.is_main:
+            return
+        images, caption = self.task.samples(self.eval_prompts, e.steps, e.guidance, weights)
+        if images is not None:
             self.logger.image(step, "samples", grid_image(images), caption)
 
     def save(self, step: int) -> None:

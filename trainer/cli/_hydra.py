@@ -14,6 +14,7 @@ from data_pipeline.errors import InputError
 
 from .. import schema  # noqa: F401  (registers the entry points' schemas with Hydra)
 from ..config import CONFIG_PATH
+from ..engine.guards import TrainingDiverged
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -46,6 +47,9 @@ def run(fn: Callable[[DictConfig], int], config_name: str, prog: str) -> None:
         except (InputError, StorageError) as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             code = 2
+        except TrainingDiverged as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            code = 3
 
     sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]
     _main()

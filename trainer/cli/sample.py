@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_pipeline.args import OneLineParser, int_at_least
+from data_pipeline.atomic import atomic_save, atomic_write
+
 from ..inference.images import grid_image, load_image, load_label_map, save_images
 from ..inference.pipeline import GenerateOptions, load_pipeline
 
@@ -39,24 +42,22 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ldm-sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = OneLineParser(prog="ldm-sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append", help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--out", default="samples")
-    p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--num", type=int_at_least(1), default=1, help="images per prompt")
+    p.add_argument("--steps", type=int_at_least(1), default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=0)
-    p.add_argument("--width", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--height", type=int_at_least(0, " (0: the model's size)"), default=0)
+    p.add_argument("--width", type=int_at_least(0, " (0: the model's size)"), default=0)
+    p.add_argument("--batch-size", type=int_at_least(1), default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--init-image", help="image-to-image / inpainting source")
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, args.seed + pi * args.num + i) for pi, p in enumerate(prompts) for i in range(args.num)]
     f = pipe.autoencoder.config.downsampling
     size = (args.height or pipe.unet.config.sample_size * f, args.width or pipe.unet.config.sample_size * f)
+    multiple = f * pipe.unet.config.downsampling
+    for flag, value in (("--height", size[0]), ("--width", size[1])):
+        if value % multiple:
+            raise SystemExit(f"ldm-sample: {flag} {value} is not a multiple of {multiple} (this model's f={f} "
+                             f"times its UNet's downsampling {pipe.unet.config.downsampling})")  # fmt: skip
     extra = {}
     if args.init_image:
         extra["init_image"] = load_image(args.init_image, size) * 2 - 1
@@ -109,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         save_images(imgs, out, batch_names)
         images.append(imgs.cpu())
         names += batch_names
-    grid_image(torch.cat(images), nrow=args.num if args.num > 1 else None).save(out / "grid.png")
-    (out / "prompts.json").write_text(
+    grid = grid_image(torch.cat(images), nrow=args.num if args.num > 1 else None)
+    atomic_save(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(
+        out / "prompts.json",
         json.dumps(
             [{"file": n, "prompt": p, "seed": s} for n, (p, s) in zip(names, jobs, strict=True)], indent=1
-        )
+        ),
     )
     print(f"wrote {len(names)} images and grid.png to {out}")
     return 0

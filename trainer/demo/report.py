@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.atomic import atomic_json, atomic_write
+
 GOALS = {"colour": 0.95, "shape": 0.90, "psnr_photos": 25.0}
 
 
@@ -136,7 +138,7 @@ def write_report(out: Path, results: dict) -> Path:
     ]
     for point in ev["curve"]:
         point.pop("per_prompt", None)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_json(out / "results.json", results)
     final, b = ev["final"], results["budget"]
     psnr256, psnr64 = ae["photos_256"]["mean"]["psnr"], ae["photos_64"]["mean"]["psnr"]
     val = results["data"]["validate"]
@@ -202,6 +204,6 @@ def write_report(out: Path, results: dict) -> Path:
         ),
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    atomic_write(report, "\n".join(lines) + "\n")
     print("figures: " + ", ".join(str(f) for f in figures))
     return report

@@ -113,14 +113,58 @@ def init(env: DistEnv, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    global _control
+    _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+
+_control = None  # a gloo group for control flags on GPU runs (the default group when it is gloo already)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank: an all-reduce of one int on the CPU (gloo), so asking every step
+    costs one small message and never waits for the GPU's queue to drain."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t[0])
 
 
 def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """``device=cpu|cuda|auto`` -> this process's device (see :func:`gpu_index` for which GPU)."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("device=cuda but CUDA is not available")
-    return torch.device("cuda", env.local_rank)
+    return torch.device("cuda", gpu_index(env.local_rank, torch.cuda.device_count(), os.environ))
+
+
+def gpu_index(local_rank: int, visible: int, environ) -> int:
+    """Which of the ``visible`` GPUs this process drives.
+
+    One visible GPU: that one, whatever the local rank (Slurm's ``--gpus-per-task=1`` or a launcher that sets
+    ``CUDA_VISIBLE_DEVICES`` per process). Otherwise every process of the node sees every GPU and takes
+    ``local_rank``; a local rank beyond the visible GPUs is a launch mistake, named with the variables."""
+    if visible < 1:
+        raise RuntimeError("CUDA reports no visible GPU (CUDA_VISIBLE_DEVICES="
+                           f"{environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")  # fmt: skip
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    names = (
+        "CUDA_VISIBLE_DEVICES",
+        "LOCAL_RANK",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_GPUS_PER_TASK",
+    )
+    seen = ", ".join(f"{n}={environ[n]!r}" for n in names if n in environ)
+    raise RuntimeError(
+        f"local rank {local_rank} but this process sees {visible} GPUs ({seen or 'no launcher variables'}): "
+        "start one task per GPU (--ntasks-per-node = GPUs per node) or bind one GPU per task "
+        "(--gpus-per-task=1)"
+    )
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

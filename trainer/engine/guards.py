@@ -1,10 +1,15 @@
-"""Non-finite steps, preemption signals and test faults.
+"""Non-finite steps, stop signals and test faults.
 
 A step whose loss or gradients are not finite is dropped (see ``deepspeed_setup.step``) and counted;
-``max_consecutive_bad`` in a row roll back to the last good checkpoint. SIGUSR1 / SIGTERM set a flag that the
-loop reads after the current step: every rank checkpoints and exits 0, and rank 0 leaves ``PREEMPTED`` in the
-run folder (a launcher's cue to requeue). The marker is used rather than an exit code because launchers
-(``srun --kill-on-bad-exit``, torchrun) kill the other ranks as soon as one exits with a non-zero code.
+``max_consecutive_bad`` in a row roll back to the last good checkpoint, and no checkpoint is written while such
+a streak lasts (it would save the state that produced it). ``max_rollbacks`` rollbacks with no good step in
+between end the run with :class:`TrainingDiverged` (exit code 3), not a quiet success.
+
+SIGUSR1, SIGTERM and SIGINT set a flag that the loop reads after the current step: every rank checkpoints and
+exits 0, and rank 0 leaves ``PREEMPTED`` in the run folder (a launcher's cue to requeue). DataLoader workers
+ignore them (:func:`ignore_stop_signals`): Slurm and torchrun signal every process, and a worker dying first
+would take the step down with it. The marker is used rather than an exit code because launchers (``srun
+--kill-on-bad-exit``, torchrun) kill the other ranks as soon as one exits with a non-zero code.
 """
 
 from __future__ import annotations
@@ -17,35 +22,54 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.loader import STOP_SIGNALS
+
 log = logging.getLogger(__name__)
 PREEMPTED_MARKER = "PREEMPTED"  # written by rank 0 into the run folder once the stop checkpoint is committed
 
 
+class TrainingDiverged(RuntimeError):
+    """Rolling back did not help: the run stops with a non-zero exit code instead of pretending to finish."""
+
+
 class NonFiniteGuard:
-    def __init__(self, max_consecutive: int):
-        self.max_consecutive = max_consecutive
+    def __init__(self, max_consecutive: int, max_rollbacks: int = 3):
+        self.max_consecutive, self.max_rollbacks = max_consecutive, max_rollbacks
         self.consecutive = 0
         self.total = 0
         self.rollbacks = 0
+        self.rollbacks_in_a_row = 0  # rollbacks with no applied step in between
+
+    @property
+    def in_streak(self) -> bool:
+        """The last step was dropped: the state is not one to checkpoint."""
+        return self.consecutive > 0
 
     def record(self, applied: bool) -> bool:
         """Count a step; True when it is time to roll back."""
         if applied:
-            self.consecutive = 0
+            self.consecutive = self.rollbacks_in_a_row = 0
             return False
         self.consecutive += 1
         self.total += 1
         return self.max_consecutive > 0 and self.consecutive >= self.max_consecutive
 
-    def rolled_back(self) -> None:
+    def rolled_back(self, step: int) -> None:
         self.consecutive = 0
         self.rollbacks += 1
+        self.rollbacks_in_a_row += 1
+        if self.rollbacks_in_a_row > self.max_rollbacks:
+            raise TrainingDiverged(
+                f"step {step}: {self.rollbacks_in_a_row} rollbacks in a row (guard.max_rollbacks="
+                f"{self.max_rollbacks}) and every step since was non-finite: the run diverges from its last good "
+                "checkpoint (lower optim.lr, check the data around this step)"
+            )
 
 
 class StopSignal:
-    """Remembers SIGUSR1 / SIGTERM instead of dying; the training loop checkpoints and exits."""
+    """Remembers SIGUSR1 / SIGTERM / SIGINT instead of dying; the loop checkpoints and exits."""
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals=STOP_SIGNALS):
         self.received: int | None = None
         for s in signals:
             signal.signal(s, self._handle)
@@ -56,11 +80,11 @@ class StopSignal:
         self.received = signum
 
 
-def pause_forever(run_dir: Path, what: str) -> None:
-    """Fault injection: tell the test where we are, then wait to be killed."""
+def pause_forever(run_dir: Path, what: str, stop: StopSignal | None = None) -> None:
+    """Fault injection: tell the test where we are, then wait to be killed (or, given ``stop``, signalled)."""
     (Path(run_dir) / "PAUSED").write_text(what)
-    while True:
-        time.sleep(1)
+    while stop is None or stop.received is None:
+        time.sleep(0.2)
 
 
 class InfGrad(torch.autograd.Function):

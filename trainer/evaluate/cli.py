@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result = args.fn(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"ldm-eval: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, ImportError, Image.DecompressionBombError) as exc:
+        print(f"ldm-eval: {exc}", file=sys.stderr)  # a decompression bomb: PIL's own limit stays on
         return 2
     print(json.dumps(result, indent=1))
     return 0

@@ -233,3 +233,60 @@ def evaluate_prompts(
     if isinstance(outcome[0], str):
         raise RuntimeError(f"eval at step {step} failed on rank 0: {outcome[0]}")
     return outcome[0]
+
+
+def eval_prompts(e) -> list[str]:
+    """``eval.prompts``, or the lines of ``eval.prompts_file``."""
+    if not e.prompts_file:
+        return list(e.prompts)
+    path = Path(e.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.prompts_file: {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"eval.prompts_file: {path} holds no prompt")
+    return prompts
+
+
+def check_eval(e) -> None:
+    """Before anything runs: the prompt set, the weight files and, for ``eval.adherence``, that every prompt is
+    one the rule-based scorer reads (raises ValueError / FileNotFoundError naming the key)."""
+    prompts = eval_prompts(e)
+    for key in ("inception_weights", "ref_stats", "clip_weights"):
+        path = getattr(e, key)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"eval.{key}: {path} does not exist")
+    if e.ref_stats and not e.inception_weights:
+        raise ValueError("eval.ref_stats needs eval.inception_weights (the features they were computed with)")
+    if e.adherence:
+        from .adherence import parse_prompt
+
+        for prompt in prompts:
+            try:
+                parse_prompt(prompt)
+            except ValueError as exc:
+                raise ValueError(f"eval.adherence is for synthetic-set prompts only: {exc}") from None
+
+
+def eval_metrics(e, device: torch.device) -> EvalMetrics | None:
+    """The metrics ``eval.*`` asks for during training (None: only a sample grid), loaded once at start."""
+    if not (e.inception_weights or e.clip_weights or e.adherence):
+        return None
+    from .reference import load_reference
+
+    network = reference = clip = tokenizer = None
+    if e.inception_weights:
+        from .fidelity import FIDInception
+
+        network = FIDInception(e.inception_weights, device)
+    if e.ref_stats:
+        if network is None:
+            raise ValueError(
+                "eval.ref_stats needs eval.inception_weights (the features they were computed with)"
+            )
+        reference = load_reference(e.ref_stats)
+    if e.clip_weights:
+        from .clip_score import load_clip
+
+        clip, _, tokenizer = load_clip(e.clip_model, e.clip_weights, str(device))
+    return EvalMetrics(network, reference, clip, tokenizer, e.adherence, e.batch_size)

@@ -16,7 +16,9 @@ from data_pipeline.atomic import atomic_json, atomic_save
 
 from ..config import ConfigError, build, config_dict, offline
 from ..diffusion.objectives import Diffusion
-from ..engine.checkpoint import COMMITTED, latest_tag
+from ..engine.checkpoint import COMMITTED, newest
+from ..engine.ema import saved_ema, stitch
+from ..engine.safe_load import weights_only_loads
 from ..models.autoencoder import Autoencoder, AutoencoderKL
 from ..models.convert import diffusers_vae_config, vae_to_diffusers
 from ..models.text_encoders import ConditionEncoder
@@ -30,32 +32,36 @@ DEFAULT_FORMATS = frozenset({"native", "diffusers"})
 
 
 def checkpoint_folder(path: str | Path) -> Path:
+    """A committed checkpoint folder, or a checkpoints folder's newest committed checkpoint."""
     path = Path(path)
     if (path / COMMITTED).is_file():
         return path
-    tag = latest_tag(path)
-    if tag is None:
-        raise FileNotFoundError(f"{path} holds no committed checkpoint (no 'latest' pointing at one)")
-    return path / tag
+    found = newest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} holds no committed checkpoint")
+    return found
 
 
 def uses_ema(folder: Path, ema: bool = True) -> bool:
     """Whether ``trained_weights(folder, ema)`` reads the EMA (asked for, and the checkpoint has one)."""
-    return ema and (folder / "ema.safetensors").is_file()
+    return ema and saved_ema(folder)
 
 
 def trained_weights(folder: Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards."""
+    """The engine's module weights in fp32: the EMA when present (and asked for), else consolidated shards.
+    Checkpoint files load with ``weights_only=True`` (a planted pickle is refused, never run)."""
     if uses_ema(folder, ema):
-        return load_file(str(folder / "ema.safetensors"))
-    if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return stitch(folder)
+    with weights_only_loads(folder):
+        if list((folder / "model").glob("*zero_pp_rank_*_optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="model")
-    else:  # ZeRO-0 in fp32: the module states hold the full weights
-        sd = torch.load(
-            folder / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="model")
+        else:  # ZeRO-0 in fp32: the module states hold the full weights
+            sd = torch.load(
+                folder / "model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+            )
+            sd = sd["module"]
     return {k: v.float() for k, v in sd.items()}
 
 

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from data_pipeline.atomic import atomic_save
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[0, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), rounding like diffusers' numpy_to_pil."""
@@ -30,7 +32,7 @@ def save_images(images: torch.Tensor, folder: str | Path, names: list[str]) -> l
     paths = []
     for arr, name in zip(to_uint8(images), names, strict=True):
         path = folder / name
-        Image.fromarray(arr).save(path)
+        atomic_save(path, lambda tmp, arr=arr: Image.fromarray(arr).save(tmp, format="PNG"))
         paths.append(path)
     return paths
 

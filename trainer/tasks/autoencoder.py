@@ -16,7 +16,7 @@ from ..engine.deepspeed_setup import step as engine_step
 from ..models.ae_loss import AutoencoderLoss, AutoencoderLossConfig
 from ..models.autoencoder import Autoencoder
 from .base import TaskContext
-from .common import check_zero_stage, images_to_model, require_images
+from .common import check_zero_stage, images_to_model, require_images, with_weights
 
 
 @dataclass
@@ -128,18 +128,22 @@ class AutoencoderTask:
         extra = {} if scale is None else {"loss_scale": torch.tensor(scale)}
         return {f"ae/{k}": v for k, v in (self._logs | extra).items()}
 
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> None:
+        return None  # reconstructions, not prompts: see samples()
+
     @torch.no_grad()
-    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
-        """Originals (top row) and their reconstructions (bottom row)."""
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
+        """Originals (top row) and their reconstructions (bottom row) by the autoencoder with ``weights``."""
         if self.fixed is None:
             return None, ""
-        self.engine.module.eval()
-        rec, _ = self.engine.module(self.fixed)
-        self.engine.module.train()
+        model = with_weights(build(self.cfg.autoencoder, "autoencoder", Autoencoder), weights, "autoencoder.")
+        rec, _ = model.to(self.device, self.fixed.dtype)(self.fixed)
         both = torch.cat([self.fixed.float(), rec.float()]) / 2 + 0.5
         return both.clamp(0, 1), "top: inputs, bottom: reconstructions"
 
-    def save_frozen(self, folder: Path) -> None:
+    def save_frozen(self, folder: Path, write: bool) -> None:
         return None
 
     def export(

@@ -77,12 +77,21 @@ class Task(Protocol):
         """Extra scalars of the last micro-batch (on device), logged under the task's prefix."""
         ...
 
-    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
-        """A grid's images in [0, 1] and its caption (every rank calls this: ZeRO-3 forwards gather)."""
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> Any:
+        """A text-to-image pipeline on a fresh copy of the trained module holding ``weights`` (for evaluation
+        during training, on every rank), or None when this stage does not sample from prompts."""
         ...
 
-    def save_frozen(self, folder: Path) -> None:
-        """Write the frozen modules (and what exports need of them) once per run."""
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
+        """A grid's images in [0, 1] and its caption, made (on rank 0) by a fresh copy of the trained module with
+        ``weights``: the full EMA (or raw) tensors keyed like ``ema_module()``'s parameters."""
+        ...
+
+    def save_frozen(self, folder: Path, write: bool) -> None:
+        """Check the frozen modules against those this run was started with (every rank calls it: a resume
+        with another autoencoder is refused) and, with ``write`` (rank 0), save them once per run."""
         ...
 
     def export(

@@ -23,3 +23,15 @@ def require_images(data_keys: frozenset[str], task: str) -> None:
         raise ConfigError(
             f"task={task} trains on images: data must be image shards (data=synthetic, data=laion)"
         )
+
+
+def with_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
+    """``module`` (freshly built) with the parameters under ``prefix`` in ``weights`` (full tensors: the EMA
+    or the gathered raw weights), for sampling outside the engine. Every parameter must be given."""
+    own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    params = {name for name, _ in module.named_parameters()}
+    missing = sorted(params - set(own))
+    if missing:
+        raise KeyError(f"sampling weights lack {prefix}{missing[0]} (and {len(missing) - 1} more)")
+    module.load_state_dict(own, strict=False)
+    return module.eval().requires_grad_(False)

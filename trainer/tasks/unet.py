@@ -4,11 +4,13 @@ condition (inpainting, super-resolution, semantic maps), the diffusion objective
 
 The latent scale factor comes from the data (latent shards record the one ``ldm-precompute`` measured), else
 from the autoencoder's weights when they record one (a diffusers VAE's ``scaling_factor``, our export), else
-from ``autoencoder.scale_factor`` when it is set (> 0), else it is measured here as precompute does: 1 / std of
-posterior samples of the first ``task.scale_samples`` training images, on rank 0, and sent to every rank."""
+from ``autoencoder.scale_factor`` when it is set (> 0), else from the run's own ``frozen.json`` when it resumes,
+else it is measured here as precompute does: 1 / std of posterior samples of the first ``task.scale_samples``
+training images, on rank 0, and sent to every rank."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from ..models.text_encoders import ConditionEncoder
 from ..models.unet import UNetModel
 from ..models.weights import load_autoencoder_weights, load_unet_weights
 from .base import TaskContext
-from .common import check_zero_stage, images_to_model
+from .common import check_zero_stage, images_to_model, with_weights
 from .concat import ConcatCondition
 
 log = logging.getLogger(__name__)
@@ -159,12 +161,17 @@ class UNetTask:
                     "train it from image shards that hold them (data.fields, data.maps)"
                 )
         self.autoencoder = models["autoencoder"].to(device).eval().requires_grad_(False)
-        ctx.data.check_autoencoder(fingerprint(self.autoencoder))
+        self.fingerprints = {"autoencoder": fingerprint(self.autoencoder)}
+        ctx.data.check_autoencoder(self.fingerprints["autoencoder"])
         self._generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + ctx.rank)
-        self.scale_factor = ctx.data.scale_factor() or self.recorded_scale or self.measure_scale(ctx)
+        self.scale_factor = (
+            ctx.data.scale_factor() or self.recorded_scale or self.run_scale(cfg) or self.measure_scale(ctx)
+        )
         self.stored_latents = "latent_mean" in have
         self.text_encoder = models["text_encoder"].to(device)
         self.train_text = bool(self.text_encoder.trainable)
+        if not self.train_text:
+            self.fingerprints["text_encoder"] = fingerprint(self.text_encoder)
         module = DiffusionModel(models["unet"], self.text_encoder if self.train_text else None).to(device)
         self.lr = ctx.optim.config.lr
         self.engine = make_engine(
@@ -177,6 +184,15 @@ class UNetTask:
         self.diffusion = Diffusion.from_node(cfg.diffusion)
         self.objective = DiffusionObjective(self.diffusion)
         self._losses: list[torch.Tensor] = []  # this step's micro-batch losses (fp16 overflow vs. non-finite)
+
+    @staticmethod
+    def run_scale(cfg) -> float | None:
+        """The scale factor a resumed (or reused) run measured when it began (its ``frozen.json``): measured
+        again it could differ in the last bits, and the run must keep the scale it trained with."""
+        meta_file = Path(cfg.checkpoint.dir) / "frozen" / "frozen.json"
+        if not meta_file.is_file():
+            return None
+        return json.loads(meta_file.read_text()).get("scale_factor") or None
 
     def measure_scale(self, ctx: TaskContext) -> float:
         """1 / std of posterior samples of the first ``scale_samples`` images (rank 0's own reading of the data,
@@ -271,18 +287,47 @@ class UNetTask:
             self.concat,
         )
 
-    @torch.no_grad()
-    def samples(self, prompts: list[str], steps: int, guidance: float) -> tuple[torch.Tensor | None, str]:
+    def sampling_pipeline(self, weights: dict[str, torch.Tensor]) -> LatentDiffusionPipeline | None:
+        """A pipeline on a fresh copy of the UNet (and trained text encoder) holding ``weights``."""
         if self.concat is not None:  # concat models need per-prompt inputs (masks, low-res images)
-            return None, ""
-        self.engine.module.eval()
-        opts = GenerateOptions(steps=steps, guidance=guidance, seeds=list(range(len(prompts))))
-        images = self.pipeline().generate(list(prompts), opts)
-        self.engine.module.train()
-        return images, " | ".join(prompts)
+            return None
+        unet = with_weights(build(self.cfg.unet, "unet", UNetModel), weights, "unet.")
+        unet.to(self.device, self.dtype)
+        text = self.text_encoder
+        if self.train_text:
+            text = with_weights(build(self.cfg.text_encoder, "text_encoder", ConditionEncoder), weights,
+                                "text_encoder.").to(self.device, self.dtype)  # fmt: skip
+        return LatentDiffusionPipeline(
+            unet, self.autoencoder, text, self.diffusion, self.scale_factor, self.concat
+        )
 
-    def save_frozen(self, folder: Path) -> None:
-        meta: dict[str, Any] = {"scale_factor": self.scale_factor}
+    @torch.no_grad()
+    def samples(
+        self, prompts: list[str], steps: int, guidance: float, weights: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, str]:
+        pipe = self.sampling_pipeline(weights)
+        if pipe is None:
+            return None, ""
+        opts = GenerateOptions(steps=steps, guidance=guidance, seeds=list(range(len(prompts))))
+        return pipe.generate(list(prompts), opts), " | ".join(prompts)
+
+    def save_frozen(self, folder: Path, write: bool) -> None:
+        meta_file = folder / "frozen.json"
+        if meta_file.is_file():  # a resumed (or reused) run: the frozen parts must be the ones it began with
+            before = json.loads(meta_file.read_text())
+            now = {"scale_factor": self.scale_factor, **self.fingerprints}
+            then = {"scale_factor": before.get("scale_factor"), **before.get("fingerprints", {})}
+            changed = [k for k in now if then.get(k) != now[k]]
+            if changed:
+                raise ConfigError(
+                    f"{meta_file}: this run was trained with other {', '.join(changed)} ({then} now {now}): "
+                    "resuming would silently change what the UNet learned on; use a new run_dir, or the weights "
+                    "the run began with"
+                )
+            return
+        if not write:
+            return
+        meta: dict[str, Any] = {"scale_factor": self.scale_factor, "fingerprints": self.fingerprints}
         frozen = {"autoencoder": self.autoencoder} | (
             {} if self.train_text else {"text_encoder": self.text_encoder}
         )
