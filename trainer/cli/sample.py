@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data_pipeline.args import OneLineParser, int_at_least
 from data_pipeline.atomic import atomic_save, atomic_write
+from data_pipeline.progress import progress
 
 from ..inference.images import grid_image, load_image, save_images
 from ..inference.pipeline import GenerateOptions, load_pipeline
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["low_res"] = load_image(args.low_res) * 2 - 1
     out = Path(args.out)
     images, names = [], []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="ldm-sample", unit="batch"):
+    for start in progress(range(0, len(jobs), args.batch_size), desc="ldm-sample", unit="batch"):
         batch = jobs[start : start + args.batch_size]
         opts = GenerateOptions(
             steps=args.steps,
