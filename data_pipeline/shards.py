@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from .atomic import atomic_json, fsync_dir
 from .errors import NoValidSampleError, SampleError
+from .progress import progress as progress_bar
 from .samples import IMAGE_EXTS, ImageLimits, caption_text, decode_rgb
 from .tario import RawSample
 
@@ -215,7 +215,7 @@ def from_folder(
 def _run_jobs(fn, jobs: list, workers: int, total: int, progress: bool, desc: str) -> list[dict]:
     """Run shard jobs in a process pool with a progress bar over items; results in job order."""
     results: list[dict] = []
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=desc, unit="img", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
         iterator: Iterable = map(fn, jobs)
         for r in iterator:

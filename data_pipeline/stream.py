@@ -136,6 +136,16 @@ class _OpenShard:
         self.epoch, self.shard, self.next, self.offset, self.limit = epoch, shard, skip, offset, limit
         self.errors: list[ShardError] = []
         self._samples = iter_shard(url, self.errors, skip, offset)
+        self._pending: RawSample | None = None
+
+    def peek(self) -> RawSample | None:
+        """The next sample without consuming it (the position stays before it)."""
+        before = (self.next, self.offset)
+        sample = self.take()
+        if sample is not None:
+            self._pending = sample
+            self.next, self.offset = before
+        return sample
 
     @property
     def stopped_early(self) -> bool:
@@ -143,6 +153,10 @@ class _OpenShard:
         return bool(self.errors) or (self.limit is not None and self.next >= self.limit)
 
     def take(self) -> RawSample | None:
+        if self._pending is not None:
+            sample, self._pending = self._pending, None
+            self.next, self.offset = sample.index + 1, sample.end
+            return sample
         if self.limit is not None and self.next >= self.limit:
             return None
         sample = next(self._samples, None)
@@ -152,6 +166,24 @@ class _OpenShard:
 
     def close(self) -> None:
         self._samples.close()
+
+
+def _skip_failed(
+    plan, order, entries, epoch, s, known, legacy, cuts, errors
+) -> tuple[int, _OpenShard | None]:
+    """From entry ``s`` on, the first shard that gives a sample (left open, positioned before it) and its index;
+    the ones before it failed without a sample: their cuts and (new) errors are added to the block's."""
+    while s < len(entries):
+        reader = _OpenShard(plan.shards[order[entries[s].position]], epoch, s, 0, 0, known.get(s))
+        if reader.peek() is not None:
+            return s, reader
+        if reader.stopped_early:
+            cuts.append((s, reader.next))
+        if not legacy and (s not in known or reader.next < known[s]):
+            errors += reader.errors
+        reader.close()
+        s += 1
+    return s, None
 
 
 def iter_raw(
@@ -229,8 +261,12 @@ def iter_raw(
                             errors += reader.errors  # new: not counted before the checkpoint
                         reader.close()
                         reader, s, k, off = None, s + 1, 0, 0
-                        if block:
-                            break  # a block never crosses into the next shard
+                        if block:  # a block never crosses into the next shard; shards after it that fail
+                            if entries is not None:  # before giving a sample are reported with this block
+                                s, reader = _skip_failed(
+                                    plan, order, entries, epoch, s, known, legacy, cuts, errors
+                                )
+                            break
                         first = (s, k, off)  # that shard gave nothing: the block starts at the next one
                         cuts = []
                         continue

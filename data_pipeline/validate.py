@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from multiprocessing import get_context
 
-from tqdm import tqdm
-
 from .errors import SampleError
+from .progress import progress as progress_bar
 from .samples import ImageLimits, caption_text, decode_rgb
 from .tario import iter_shard
 
@@ -40,7 +39,7 @@ def validate_shards(
 ) -> dict:
     """Validate every shard; returns totals, invalid counts by reason, and per-shard results."""
     jobs = [(url, limits, caption_key) for url in shards]
-    bar = tqdm(total=len(jobs), desc="validate", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="validate", unit="shard", disable=not progress)
     results = []
     if workers > 1 and len(jobs) > 1:
         with get_context("spawn").Pool(min(workers, len(jobs))) as pool:

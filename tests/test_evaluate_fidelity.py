@@ -197,6 +197,7 @@ def test_fidelity_running_statistics_match_numpy():
     assert prc_from_features(a, b, batch_size=7) == prc_from_features(a, b, batch_size=1000)
 
 
+@pytest.mark.slow  # tens of seconds: kept out of make test-fast
 def test_fid_memory_is_flat_from_500_to_5000_images():
     """bench/eval_memory.py: peak RSS of the streaming path, each size in a fresh process."""
     cmd = [sys.executable, str(ROOT / "bench" / "eval_memory.py"), "--json", "--nums", "500", "5000"]
@@ -349,6 +350,7 @@ def test_periodic_eval_one_process_writes_json_and_grid(eval_ref, tmp_path):
     assert not result_paths(tmp_path / "eval", 8)[0].exists()
 
 
+@pytest.mark.slow  # tens of seconds: kept out of make test-fast
 def test_periodic_eval_two_ranks_gather_the_one_process_result(eval_ref, tmp_path):
     """2 gloo ranks (prompts r::2) give exactly what 1 rank gives, and every rank returns it."""
     ctx = torch.multiprocessing.get_context("spawn")

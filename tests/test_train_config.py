@@ -137,23 +137,33 @@ def test_autoencoder_stage_exports_what_the_unet_stage_loads(tmp_path, synth_sha
 def test_wandb_offline_run_continues_after_resume_and_never_stores_the_key(
     tmp_path, synth_shards, monkeypatch
 ):
+    """One W&B run across sessions, named run_name, steps increasing with none logged twice (read back from the
+    offline transaction logs), eval grids, checkpoints and the config as artifacts, and no API key on disk."""
+    from wandbfiles import read_run
+
     monkeypatch.setenv("WANDB_API_KEY", "local-0123456789abcdef0123456789abcdef01234567")
-    common = [
-        "logger=wandb_offline",
-        "checkpoint.every=2",
-        "eval.every=2",
-        "eval.steps=2",
-    ]
-    run(tmp_path, synth_shards, [*common, "max_steps=2"], nproc=1)
-    run(tmp_path, synth_shards, [*common, "max_steps=4"], nproc=1)
+    common = ["logger=wandb_offline", "logger.artifacts=true", "checkpoint.every=2", "eval.every=2",
+              "eval.steps=2", "run_name=sweep-point-a"]  # fmt: skip
+    run(tmp_path, synth_shards, [*common, "max_steps=3"], nproc=1)  # checkpoints at 2 and 3 (final)
+    ckpt2 = tmp_path / "checkpoints" / "step_00000002"
+    # resumed from step 2: step 3 runs and is logged again (as after a kill), then 4
+    run(tmp_path, synth_shards, [*common, "max_steps=4", f"checkpoint.resume={ckpt2}"], nproc=1)
     rows = metrics(tmp_path)
     ids = {r["run_id"] for r in rows if r.get("event") in ("start", "resume")}
     assert len(ids) == 1
     run_id = ids.pop()
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)  # one W&B run, two sessions
-    assert all((p / f"run-{run_id}.wandb").is_file() for p in runs)
-    assert len(list((tmp_path / "samples").glob("samples_*.png"))) == 2
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 3, 4]  # the JSONL keeps both step 3s
+    sessions = sorted(
+        (tmp_path / "wandb").glob("offline-run-*")
+    )  # in start order, as `wandb sync` takes them
+    assert len(sessions) == 2 and all(p.name.endswith(run_id) for p in sessions)
+    runs = [read_run(p / f"run-{run_id}.wandb") for p in sessions]
+    assert {r["id"] for r in runs} == {run_id} and {r["name"] for r in runs} == {"sweep-point-a"}
+    steps = [s for r in runs for s in r["steps"]]
+    assert steps == sorted(set(steps)) and max(steps) == 4, steps  # increasing, none twice
+    artifacts = [a for r in runs for a in r["artifacts"]]
+    assert ("checkpoint-" + run_id, "checkpoint") in artifacts and ("config-" + run_id, "config") in artifacts
+    assert len(list((tmp_path / "samples").glob("samples_*.png"))) == 2  # steps 2 and 4
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert b"0123456789abcdef0123456789abcdef01234567" not in path.read_bytes(), path

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_json, atomic_write
 from data_pipeline.errors import SampleError
@@ -28,6 +27,7 @@ from data_pipeline.images import ImageShardsConfig
 from data_pipeline.latents import RECORDS, LatentShardWriter, shard_record, write_manifest, write_null_text
 from data_pipeline.loader import ignore_stop_signals, worker_cleanup_at_exit
 from data_pipeline.lock import FolderLock
+from data_pipeline.progress import progress
 from data_pipeline.samples import ImageLimits, caption_text, decode_rgb
 from data_pipeline.tario import iter_shard
 from data_pipeline.transforms import caption_lines, crop_resize, sample_rng
@@ -222,7 +222,8 @@ def precompute(cfg: DictConfig) -> int:
                         num_workers=min(cfg.data.num_workers, len(todo)), worker_init_fn=ignore_stop_signals)  # fmt: skip
     worker_cleanup_at_exit()
     writers: dict[int, LatentShardWriter] = {}
-    bar = tqdm(desc=f"precompute rank {env.rank}", unit="img", disable=not (cfg.progress and env.is_main))
+    bar = progress(total=len(todo), desc=f"precompute rank {env.rank}", unit="shard",
+                   disable=not (cfg.progress and env.is_main))  # fmt: skip
     t0, images, done = None, 0, 0
     for chunk in loader:
         if stop.received is not None:
@@ -235,11 +236,11 @@ def precompute(cfg: DictConfig) -> int:
         if chunk["items"]:
             encoder.write(writer, chunk["items"], cfg.data.resolution, device)
             images += len(chunk["items"])
-            bar.update(len(chunk["items"]))
-            bar.set_postfix(img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}")
+            bar.set_postfix(img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.1f}", images=images)
         if chunk["done"]:
             writers.pop(index).close(chunk["skipped"])
             done += 1
+            bar.update(1)
             if done == cfg.pause_after_shards and env.is_main:
                 pause_forever(out, f"after {done} shards", stop)
     bar.close()

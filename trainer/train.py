@@ -23,17 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_save, atomic_write
 from data_pipeline.errors import REASONS
 from data_pipeline.loader import DataSource
 from data_pipeline.lock import FolderLock
+from data_pipeline.progress import progress
 
 from .config import ConfigError, build
 from .diffusion.objectives import Diffusion
 from .engine import distributed as D
-from .engine.checkpoint import Checkpointer, resolve_resume
+from .engine.checkpoint import Checkpointer, resolve_resume, tag_for
 from .engine.deepspeed_setup import grad_norm
 from .engine.ema import ShardedEMA, full_fp32_params
 from .engine.guards import PREEMPTED_MARKER, Faults, NonFiniteGuard, StopSignal
@@ -221,8 +221,8 @@ class Run:
     def loop(self) -> None:
         cfg, state = self.cfg, self.state
         data = iter(self.loader)
-        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"train {type(self.task).__name__}",
-                   disable=not (self.env.is_main and self.logger.config.progress), dynamic_ncols=True)  # fmt: skip
+        bar = progress(total=cfg.max_steps, initial=state["step"], desc=f"train {type(self.task).__name__}",
+                       unit="step", disable=not (self.env.is_main and self.logger.config.progress))  # fmt: skip
         while state["step"] < cfg.max_steps:
             stopping = self.train_step(data, bar)
             bar.update(1)
@@ -356,7 +356,7 @@ class Run:
         self.ckpt.save(step, engines, self.loader, generators, self.ema, trainer_state, self.config_yaml,
                        self.faults.pause_in_save(step))  # fmt: skip
         self.saved_at = step
-        self.logger.event("checkpoint", step=step)
+        self.logger.event("checkpoint", step=step, path=str(self.ckpt_dir / tag_for(step)))
 
     # -- the end -----------------------------------------------------------------------------------------
     def stopped(self) -> None:

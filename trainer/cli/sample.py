@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from data_pipeline.args import OneLineParser, int_at_least
 from data_pipeline.atomic import atomic_save, atomic_write
+from data_pipeline.progress import progress
 
 from ..inference.images import grid_image, load_image, load_label_map, save_images
 from ..inference.pipeline import GenerateOptions, load_pipeline
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["segmentation"] = load_label_map(args.segmentation)
     out = Path(args.out)
     images, names = [], []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="ldm-sample", unit="batch"):
+    for start in progress(range(0, len(jobs), args.batch_size), desc="ldm-sample", unit="batch"):
         batch = jobs[start : start + args.batch_size]
         opts = GenerateOptions(
             steps=args.steps,

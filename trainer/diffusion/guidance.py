@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
+
+from data_pipeline.progress import progress as progress_bar
 
 from .samplers import Sampler, img2img_start, randn
 
@@ -76,7 +77,7 @@ def sample_loop(
     if init is not None and strength < 1.0:
         start = img2img_start(timesteps, strength)
         x = sampler.add_noise(init, noise, int(timesteps[start]))
-    for i in tqdm(range(start, len(timesteps)), desc="sampling", disable=not progress, leave=False):
+    for i in progress_bar(range(start, len(timesteps)), desc="sampling", disable=not progress, leave=False):
         t = timesteps[i]
         inp = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)
         out = guided(denoiser, inp, t.to(x.device), cond, uncond, guidance)

@@ -66,8 +66,11 @@ class WandbLoggerConfig(JsonlLoggerConfig):
     project: str = "ldm"
     entity: str = ""
     mode: str = "offline"  # online | offline | disabled
-    name: str = ""
+    name: str = ""  # empty: the run's run_name
     tags: list[str] = field(default_factory=list)
+    artifacts: bool = (
+        False  # checkpoints (by reference: nothing is uploaded) and the resolved config as artifacts
+    )
 
 
 class JsonlLogger:
@@ -118,6 +121,7 @@ class WandbLogger(JsonlLogger):
     def __init__(self, config: WandbLoggerConfig | None = None):
         super().__init__(config or WandbLoggerConfig())
         self.wandb = None
+        self.logged_up_to, self.run_id = -1, ""
 
     def start(self, run_dir: Path, run_id: str, config: dict, resumed: bool) -> None:
         import wandb
@@ -125,10 +129,13 @@ class WandbLogger(JsonlLogger):
         c = self.config
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        # steps this W&B run already has (a run killed after logging past its last checkpoint logs them again on
+        # resume): W&B keeps the first values, the JSONL log both
+        self.logged_up_to = last_logged_step(Path(run_dir) / "metrics.jsonl") if resumed else -1
         self.wandb = wandb.init(  # mode=disabled gives a run object whose calls do nothing
             project=c.project,
             entity=c.entity or None,
-            name=c.name or None,
+            name=c.name or config.get("run_name") or None,
             mode=c.mode,
             id=run_id,
             resume="allow",
@@ -137,20 +144,32 @@ class WandbLogger(JsonlLogger):
             tags=list(c.tags) or None,
         )
         super().start(run_dir, run_id, config, resumed)
+        self.run_id = run_id
+        if c.artifacts and (Path(run_dir) / "config.yaml").is_file():
+            art = wandb.Artifact(f"config-{run_id}", type="config")
+            art.add_file(str(Path(run_dir) / "config.yaml"))
+            self.wandb.log_artifact(art)
 
     def log(self, step: int, metrics: dict) -> None:
         super().log(step, metrics)
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.logged_up_to:
             self.wandb.log(metrics, step=step)
 
     def event(self, name: str, **fields) -> None:
         super().event(name, **fields)
         if self.wandb is not None:
             self.wandb.summary[f"events/{name}"] = fields
+            if name == "checkpoint" and self.config.artifacts and fields.get("path"):
+                import wandb
+
+                art = wandb.Artifact(f"checkpoint-{self.run_id}", type="checkpoint",
+                                     metadata={"step": fields.get("step")})  # fmt: skip
+                art.add_reference(Path(fields["path"]).resolve().as_uri(), checksum=False)
+                self.wandb.log_artifact(art, aliases=["latest", f"step_{fields.get('step')}"])
 
     def image(self, step: int, key: str, image: Image.Image, caption: str = "") -> Path | None:
         path = super().image(step, key, image, caption)
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.logged_up_to:
             import wandb
 
             self.wandb.log({key: wandb.Image(np.asarray(image), caption=caption)}, step=step)
@@ -161,6 +180,20 @@ class WandbLogger(JsonlLogger):
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def last_logged_step(path: Path) -> int:
+    """The highest step with metrics in a JSONL log (-1 when none)."""
+    last = -1
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if "step" in row and "event" not in row:
+                last = max(last, int(row["step"]))
+    return last
 
 
 def _plain(v):

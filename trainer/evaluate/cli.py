@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from data_pipeline.progress import progress
 
 from .fidelity_cli import add_fidelity_parsers
 
@@ -128,7 +129,7 @@ def clip(args) -> dict:
             raise FileNotFoundError(f"{index_file} does not exist (a folder written by ldm-sample)")
         rows += [(folder / r["file"], r["prompt"]) for r in json.loads(index_file.read_text())]
     total, n = 0.0, 0
-    for start in tqdm(
+    for start in progress(
         range(0, len(rows), args.batch_size), desc="ldm-eval clip", unit="batch", disable=args.no_progress
     ):
         chunk = rows[start : start + args.batch_size]

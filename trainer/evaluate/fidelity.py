@@ -19,7 +19,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from data_pipeline.progress import progress as progress_bar
 
 from .sources import stack_runs
 
@@ -162,7 +163,7 @@ def extract(
     """Run ``network`` over image batches; running statistics per layer, feature matrices for ``keep``."""
     keep = set(keep)
     stats = {name: FeatureStats(name in keep, total) for name in network.layers}
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for batch in batches:
             for images in stack_runs(batch):
                 for name, feats in network(images).items():
