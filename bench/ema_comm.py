@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,12 +77,6 @@ def rank_main(args) -> None:
         torch.distributed.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=32)
@@ -92,6 +85,8 @@ def main() -> None:
     if "RANK" in os.environ:
         rank_main(args)
         return
+    from trainer.engine.distributed import free_port
+
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))

@@ -88,8 +88,10 @@ def one(args) -> None:
 
 
 def launch(zero: int, precision: str, args, shards: Path, tmp: Path) -> dict:
+    from trainer.engine.distributed import free_port
+
     cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={args.nproc}", "--master_port",
-           str(_port()), __file__, "--one", f"--zero={zero}", f"--precision={precision}", f"--steps={args.steps}",
+           str(free_port()), __file__, "--one", f"--zero={zero}", f"--precision={precision}", f"--steps={args.steps}",
            f"--shards={shards}", f"--run-dir={tmp / f'run{zero}{precision}'}", f"--device={args.device}"]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -98,14 +100,6 @@ def launch(zero: int, precision: str, args, shards: Path, tmp: Path) -> dict:
     if out.returncode != 0 or not lines:
         raise SystemExit(f"ZeRO-{zero} {precision} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][7:])
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -102,11 +102,12 @@ def env_value(value) -> str:
 
 
 def sbatch_value(value) -> str:
-    """An ``#SBATCH`` directive's value: sbatch reads it double-quoted (spaces allowed, never a shell)."""
+    """An ``#SBATCH`` directive's value, double-quoted only when it needs to be (sbatch reads the quotes, never a
+    shell): ``gpu`` stays ``gpu``, ``a b`` becomes ``"a b"``."""
     text = str(value)
     if '"' in text:
         raise ConfigError(f"{text!r}: a double quote cannot go into an #SBATCH directive")
-    return f'"{text}"'
+    return text if re.fullmatch(r"[\w.,:/%=+@-]+", text) else f'"{text}"'
 
 
 def compose_config(kind: str, overrides: list[str]) -> DictConfig:

@@ -105,7 +105,7 @@ def test_preemption_checkpoints_requeues_and_resumes(tmp_path, synth_shards, slu
     state = wait(job, timeout=900, until=lambda: job_state(job).get("JobState") == "COMPLETED")
     log = job_log(run_dir)
     assert state["Restarts"] == "1", log[-3000:]
-    assert "checkpoint written: requeueing" in log and f"job {job} (restart 1)" in log
+    assert "stopped after a signal: requeueing" in log and f"job {job} (restart 1)" in log
     rows = metrics(run_dir)
     per_step = [r["step"] for r in rows if "loss" in r]
     assert sorted(per_step) == list(range(1, steps + 1)), "every step logged exactly once across both runs"

@@ -31,7 +31,7 @@ BAD = [
         "zero_stage must be 0-2",
     ),
     (["task=unet", "data=latents"], "latent"),
-    (["precision=bf16", "deepspeed.zero_stage=0"], "no fp32 master copy"),
+    (["precision=bf16", "deepspeed.zero_stage=0"], "not supported yet"),
     (
         ["eval.every=5", "eval.adherence=true", "eval.prompts=[a photo of a cat]"],
         "synthetic-set prompts only",

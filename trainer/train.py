@@ -91,9 +91,9 @@ def prepare(cfg: DictConfig, load_models: bool = True, check_files: bool = True)
         raise ConfigError(str(exc)) from None
     if prec.mixed and not prec.loss_scaling and cfg.deepspeed.zero_stage == 0:  # fp16 at ZeRO-0: see below
         raise ConfigError(
-            f"precision={cfg.precision} with deepspeed.zero_stage=0: DeepSpeed would train the bf16 weights "
-            "themselves, with no fp32 master copy (updates rounded to bf16); use deepspeed.zero_stage=1 or more "
-            "(on one GPU ZeRO-1 costs the same memory as ZeRO-0 and keeps fp32 master weights)"
+            f"precision={cfg.precision} with deepspeed.zero_stage=0 is not supported yet: the EMA and the "
+            "weight reads for export see the bf16 weights there, not DeepSpeed's fp32 master copies; use "
+            "deepspeed.zero_stage=1 or more (on one GPU ZeRO-1 costs the same memory as ZeRO-0)"
         )  # fp16 at ZeRO-0 gets DeepSpeed's FP16_Optimizer, with fp32 master weights and the dynamic loss scale
     Diffusion.from_node(cfg.diffusion)
     parts = Parts(

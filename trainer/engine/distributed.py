@@ -64,7 +64,8 @@ def slurm_master_addr(nodelist: str) -> str:
     return expand_hostlist(nodelist)[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (rendezvous for a lone process, benches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -94,7 +95,7 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             port,
             "slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def init(env: DistEnv, device: torch.device) -> None:
