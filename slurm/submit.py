@@ -159,25 +159,42 @@ def job_config_yaml(cfg: DictConfig, job: Job, run_dir: Path) -> str:
     return f"defaults:\n  - {job.schema}\n  - _self_\n\n{body}\n{OmegaConf.to_yaml(OmegaConf.create(hydra))}"
 
 
-def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = True) -> tuple[Path, str]:
+def render(
+    cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = True, points: list[DictConfig] = ()
+) -> tuple[Path, str]:
     """The sbatch script for ``cfg``; with ``write``, also ``<folder>/<name>.yaml`` (the resolved config the job
-    runs) and ``<folder>/<name>.sbatch``. Returns the script's path and text."""
+    runs) and ``<folder>/<name>.sbatch``. Returns the script's path and text.
+
+    With ``points`` (a sweep, trainer/sweep.py) the script is a job array: task ``i`` runs ``<name>_<i>.yaml``,
+    the config of ``points[i]``, in that point's run folder, and is requeued and resumed on its own."""
     job, launcher = JOBS[kind], cfg.launcher
-    check_values(cfg, job, name)
+    for c in (cfg, *points):
+        check_values(c, job, name)
+    shape = {**OmegaConf.to_container(launcher, resolve=True), "job_name": ""}
+    for i, c in enumerate(points):  # the array's job name is the sweep's (launcher.job_name of the base)
+        if {**OmegaConf.to_container(c.launcher, resolve=True), "job_name": ""} != shape:
+            raise ConfigError(
+                f"sweep point {i} ({c.run_name}) changes launcher.*: one job array has one shape"
+            )
     launch = LAUNCHES[launcher.launch]
-    run_dir = Path(job.output(cfg)).resolve()
-    config_file = folder / f"{name}.yaml"
+    runs = [(f"{name}_{i}" if points else name, c) for i, c in enumerate(points or [cfg])]
+    run_dirs = [Path(job.output(c)).resolve() for _, c in runs]
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(config_file, job_config_yaml(cfg, job, run_dir))
+        for (config_name, c), run_dir in zip(runs, run_dirs, strict=True):
+            atomic_write(folder / f"{config_name}.yaml", job_config_yaml(c, job, run_dir))
     q = shlex.quote
     py = q(python_of(launcher))
     tasks = launch.tasks(launcher)
-    args = f"-m {job.module} --config-path {q(str(folder))} --config-name {q(name)}"
+    if points:  # the task's files come from bash arrays indexed by SLURM_ARRAY_TASK_ID
+        config_name, run_dir, ckpts = f"{q(name)}_$TASK", '"$RUN_DIR"', '"$CKPT_DIR"'
+    else:
+        config_name, run_dir = q(name), q(str(run_dirs[0]))
+        ckpts = q(str(Path(cfg.checkpoint.dir).resolve())) if "checkpoint" in cfg else ""
+    args = f"-m {job.module} --config-path {q(str(folder))} --config-name {config_name}"
     export = ""
     if job.exports and launcher.export_at_end:
-        ckpts = q(str(Path(cfg.checkpoint.dir).resolve()))
-        export = f"{py} -m trainer.cli.export {ckpts} --out {q(str(run_dir / 'export'))}"
+        export = f"{py} -m trainer.cli.export {ckpts} --out {run_dir}/export"
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True
     )
@@ -188,18 +205,24 @@ def render(cfg: DictConfig, kind: str, name: str, folder: Path, write: bool = Tr
     # environment values are expanded by the job's shell on the cluster ($HOME, $SLURM_JOB_ID, ...)
     env.filters["dq"] = env_value
     script_path = folder / f"{name}.sbatch"
+    what = f"{job.describe(cfg)}: {launcher.nodes} node(s) x {tasks} task(s)"
     text = env.get_template(job.template).render(
-        description=f"{job.describe(cfg)}: {launcher.nodes} node(s) x {tasks} task(s)",
+        description=f"{what}, an array of {len(points)} sweep points" if points else what,
         L=launcher,
         tasks_per_node=tasks,
-        config_file=config_file,
+        config_file=folder / f"{name}_<task>.yaml" if points else folder / f"{name}.yaml",
         script_path=script_path,
         log_dir=folder,
         workdir=launcher.workdir or os.getcwd(),
         run_name=cfg.run_name,
+        array=[
+            (str(d), str(Path(c.checkpoint.dir).resolve())) for d, (_, c) in zip(run_dirs, runs, strict=True)
+        ]
+        if points
+        else [],
         launch_command=launch.command(launcher, py, args, tasks),
         stop_signal=launch.stop_signal,
-        preempted_marker=q(str(run_dir / PREEMPTED_MARKER)),
+        preempted_marker=f"{run_dir}/{PREEMPTED_MARKER}",
         export_command=export,
         resume_note=job.resume_note,
     )
@@ -234,3 +257,23 @@ def pipeline_configs(overrides: list[str]) -> tuple[DictConfig, DictConfig]:
         train.data = {"_target_": LatentShardsConfig._target_, "urls": out,
                       **{k: v for k, v in train.data.items() if k in shared}}  # fmt: skip
     return pre, train
+
+
+def sweep_configs(kind: str, overrides: list[str]) -> tuple[str, DictConfig, list[DictConfig]]:
+    """(kind, the sweep's base config, one config per point) for ``ldm-submit <kind> -m``: the points as
+    ``ldm-train -m`` would run them, each in ``<run_dir>/<swept values>`` (trainer/sweep.py)."""
+    from trainer.sweep import at_point, expand, point_tag, swept_keys
+
+    if kind != "train":
+        raise ConfigError(
+            f"ldm-submit {kind} -m: only training sweeps (precompute the latents once, then sweep)"
+        )
+    keys = swept_keys(overrides)
+    if not keys:
+        raise ConfigError("ldm-submit -m: no override sweeps a value (a sweep looks like optim.lr=1e-4,3e-4)")
+    points = expand(overrides)
+    base = compose_config(kind, points[0])
+    tags = [point_tag(p, keys) for p in points]
+    if len(set(tags)) != len(tags):
+        raise ConfigError(f"ldm-submit -m: two sweep points would share a run folder: {tags}")
+    return kind, base, [at_point(compose_config(kind, p), t) for p, t in zip(points, tags, strict=True)]

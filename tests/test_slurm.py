@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 SUBMIT = [PY, "-m", "trainer.cli.submit"]
 
 
-def base(run_dir: Path, shards: Path) -> list[str]:
+def base(run_dir: Path, shards: Path | str) -> list[str]:
     return [
         "experiment=tiny_cpu",
         "launcher=local_cpu",
@@ -82,40 +82,6 @@ def test_two_nodes_by_two_tasks_train_and_export(tmp_path, synth_shards, slurm_c
     assert sorted(losses(metrics(run_dir))) == list(range(1, 13))
 
 
-def test_preemption_checkpoints_requeues_and_resumes(tmp_path, synth_shards, slurm_cluster):
-    run_dir = tmp_path / "run"
-    steps = 80
-    [job] = submit(
-        "train",
-        [
-            *base(run_dir, synth_shards),
-            f"max_steps={steps}",
-            "checkpoint.every=1000",
-            "logger=wandb_offline",
-        ],
-    )
-
-    def running_a_while() -> bool:
-        rows = metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-        return any(r.get("step", 0) >= 3 for r in rows) and "restart 0" in job_log(run_dir)
-
-    wait(job, until=running_a_while)
-    time.sleep(6)  # past launcher.min_runtime
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env())
-    state = wait(job, timeout=900, until=lambda: job_state(job).get("JobState") == "COMPLETED")
-    log = job_log(run_dir)
-    assert state["Restarts"] == "1", log[-3000:]
-    assert "stopped after a signal: requeueing" in log and f"job {job} (restart 1)" in log
-    rows = metrics(run_dir)
-    per_step = [r["step"] for r in rows if "loss" in r]
-    assert sorted(per_step) == list(range(1, steps + 1)), "every step logged exactly once across both runs"
-    preempted = events(rows, "preempted")
-    assert len(preempted) == 1 and events(rows, "resumed_from")[0]["step"] == preempted[0]["step"]
-    ids = {r["run_id"] for r in events(rows, "start") + events(rows, "resume")}
-    assert ids == {f"tiny_cpu-{job}"}  # one W&B run, continued
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-tiny_cpu-{job}"))) == 2
-
-
 def _tiny_autoencoder(folder: Path, garbage: bool = False) -> Path:
     folder.mkdir()
     if garbage:
@@ -130,29 +96,98 @@ def _tiny_autoencoder(folder: Path, garbage: bool = False) -> Path:
     return folder
 
 
-def test_pipeline_runs_in_order_and_a_failed_precompute_cancels_training(
+def preempt_once(job: str, run_dir: Path, logs: Path | None = None) -> dict[str, str]:
+    """Wait until ``job`` has logged step 3 in ``run_dir``, past launcher.min_runtime, send its batch script the
+    stop signal Slurm sends before a time limit, and wait until the requeued job has completed."""
+
+    def running_a_while() -> bool:
+        rows = metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        return any(r.get("step", 0) >= 3 for r in rows) and "restart 0" in job_log(logs or run_dir)
+
+    wait(job, until=running_a_while)
+    time.sleep(6)  # past launcher.min_runtime
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env())
+    return wait(job, timeout=900, until=lambda: job_state(job).get("JobState") == "COMPLETED")
+
+
+def assert_resumed_once(run_dir: Path, steps: int, run_id: str) -> None:
+    """Every step logged exactly once across the two runs, resumed where the stop left off, one W&B run."""
+    rows = metrics(run_dir)
+    assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, steps + 1))
+    preempted = events(rows, "preempted")
+    assert len(preempted) == 1 and events(rows, "resumed_from")[0]["step"] == preempted[0]["step"]
+    assert {r["run_id"] for r in events(rows, "start") + events(rows, "resume")} == {run_id}
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_pipeline_rehearsal_over_http_preempted_once_accounts_for_every_sample(
     tmp_path, synth_shards, slurm_cluster
 ):
+    """ldm-submit pipeline with the shards behind a real HTTP server (one shard answers 503 and drops its
+    connection before it is served whole): the precompute job, then training from its latents, preempted once."""
+    from shardserver import ShardServer
+
     ae = _tiny_autoencoder(tmp_path / "ae")
-    run_dir = tmp_path / "run"
-    common = ["weights.allow_random_autoencoder=false", "max_steps=6", "checkpoint.every=3"]
-    pre, train = submit("pipeline", [*base(run_dir, synth_shards), *common, f"weights.autoencoder={ae}"])
-    assert wait(train)["JobState"] == "COMPLETED", job_log(run_dir)[-3000:]
-    assert job_state(pre)["JobState"] == "COMPLETED"
-    manifest = json.loads((run_dir / "latents" / "manifest.json").read_text())
-    assert manifest["samples"] == 320
-    pre_log = job_log(run_dir / "latents")
-    pre_end = re.search(r"job step exited with code 0, (\S+)", pre_log).group(1)
-    train_start = re.search(rf"\[ldm\] job {train} \(restart 0\).*, (\S+)$", job_log(run_dir), re.M).group(1)
+    run_dir, steps, global_batch = tmp_path / "run", 30, 8 * 4
+    with ShardServer(synth_shards) as srv:
+        srv.faults["/train-000003.tar"] = ["503", "drop:3000"]
+        urls = srv.url("train-{000000..000007}.tar")
+        pre, train = submit("pipeline", [*base(run_dir, f"'{urls}'"),
+                                         f"weights.autoencoder={ae}", "weights.allow_random_autoencoder=false",
+                                         f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline"])  # fmt: skip
+        state = preempt_once(train, run_dir)
+        assert len(srv.requests("train-000003.tar")) == 3  # the 503, the dropped connection, the shard
+    log = job_log(run_dir)
+    assert job_state(pre)["JobState"] == "COMPLETED", job_log(run_dir / "latents")[-3000:]
+    pre_end = re.search(r"job step exited with code 0, (\S+)", job_log(run_dir / "latents")).group(1)
+    train_start = re.search(rf"\[ldm\] job {train} \(restart 0\).*, (\S+)$", log, re.M).group(1)
     assert pre_end <= train_start  # ISO timestamps: the chain ran in order
-    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, 7))
-    # a precompute that fails (unreadable autoencoder weights) cancels the dependent training job
+    manifest = json.loads((run_dir / "latents" / "manifest.json").read_text())
+    assert manifest["samples"] == 320  # every sample fetched over HTTP, none lost to the faults
+    assert state["Restarts"] == "1", log[-3000:]
+    assert "stopped after a signal: requeueing" in log and f"job {train} (restart 1)" in log
+    assert_resumed_once(run_dir, steps, f"tiny_cpu-{train}")
+    last = [r for r in metrics(run_dir) if r.get("step") == steps and "loss" in r][-1]
+    # the data position came back with the checkpoint: nothing read twice or skipped across the requeue
+    assert last["data/seen"] == last["data/valid"] == steps * global_batch
+    assert not [k for k in last if k.startswith("data/skipped")]
+    assert (run_dir / "export" / "pipeline.json").is_file()
+
+
+def test_a_failed_precompute_cancels_the_training_it_feeds(tmp_path, synth_shards, slurm_cluster):
     bad_run = tmp_path / "bad"
     bad = _tiny_autoencoder(tmp_path / "bad_ae", garbage=True)
-    pre, train = submit("pipeline", [*base(bad_run, synth_shards), *common, f"weights.autoencoder={bad}"])
+    pre, train = submit("pipeline", [*base(bad_run, synth_shards), "weights.allow_random_autoencoder=false",
+                                     "max_steps=6", f"weights.autoencoder={bad}"])  # fmt: skip
     assert wait(pre)["JobState"] == "FAILED"
     state = wait(train, timeout=120)
     assert state["JobState"] == "CANCELLED" and not (bad_run / "metrics.jsonl").exists()
+
+
+def test_sweep_is_a_job_array_whose_points_requeue_and_resume_on_their_own(
+    tmp_path, synth_shards, slurm_cluster
+):
+    """ldm-submit train -m: one array task per point, each in its own run folder with its own W&B run; one
+    point is preempted and requeued alone."""
+    run_dir, steps = tmp_path / "sweep", 24
+    [array] = submit("train", ["-m", *base(run_dir, synth_shards), "launcher.nodes=1", "launcher.tasks_per_node=1",
+                               f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline",
+                               "optim.lr=1e-3,3e-3"])  # fmt: skip
+    points = {0: run_dir / "optim.lr=0.001", 1: run_dir / "optim.lr=0.003"}
+    preempt_once(f"{array}_1", points[1], logs=run_dir)
+    for task, folder in points.items():
+        state = wait(
+            f"{array}_{task}", until=lambda t=task: job_state(f"{array}_{t}").get("JobState") == "COMPLETED"
+        )
+        assert state["Restarts"] == str(task), job_log(run_dir)[-3000:]  # only point 1 was preempted
+        rows = metrics(folder)
+        assert {r["lr"] for r in rows if "loss" in r and r["step"] == steps} == {[1e-3, 3e-3][task]}
+        if task:
+            assert_resumed_once(folder, steps, f"tiny_cpu-{array}-1")
+        else:
+            assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, steps + 1))
+            assert not events(rows, "resumed_from")
+        assert (folder / "export" / "pipeline.json").is_file()
 
 
 def test_dry_run_of_a_16_node_job_is_the_documented_example():

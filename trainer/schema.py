@@ -129,6 +129,7 @@ class SlurmConfig:
     env: dict[str, str] = field(default_factory=dict)  # exported variables (NCCL_*, ...)
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." options, e.g. --exclusive
     export_at_end: bool = True  # run ldm-export after a training job completes
+    array_parallelism: int = 0  # a sweep's job array runs at most this many points at once (0: no limit)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from data_pipeline.errors import InputError
 from .. import schema  # noqa: F401  (registers the entry points' schemas with Hydra)
 from ..config import CONFIG_PATH
 from ..engine.guards import TrainingDiverged
+from ..sweep import at_point, point_tag, swept_keys
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -34,6 +35,18 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def sweep_point(cfg: DictConfig) -> DictConfig:
+    """Under ``-m``, each job's config at its sweep point (its own run folder and W&B run; trainer/sweep.py)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or "run_dir" not in cfg:
+        return cfg
+    keys = swept_keys([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
+    return at_point(cfg, point_tag(list(hc.overrides.task), keys))
+
+
 def run(fn: Callable[[DictConfig], int], config_name: str, prog: str) -> None:
     """Compose ``config_name`` from the command line and exit with ``fn(cfg)``'s code; a ConfigError is one
     line on stderr and exit code 2."""
@@ -43,13 +56,13 @@ def run(fn: Callable[[DictConfig], int], config_name: str, prog: str) -> None:
     def _main(cfg: DictConfig) -> None:
         nonlocal code
         try:
-            code = fn(cfg)
+            code = max(code, fn(sweep_point(cfg)))
         except (InputError, StorageError) as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
-            code = 2
+            code = max(code, 2)
         except TrainingDiverged as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
-            code = 3
+            code = max(code, 3)
 
     sys.argv = [sys.argv[0], *strip_local_rank(sys.argv[1:])]
     _main()
