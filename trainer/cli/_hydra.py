@@ -44,7 +44,7 @@ def sweep_point(cfg: DictConfig) -> DictConfig:
     if hc.mode != RunMode.MULTIRUN or "run_dir" not in cfg:
         return cfg
     keys = swept_keys([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
-    return at_point(cfg, point_tag(list(hc.overrides.task), keys))
+    return at_point(cfg, point_tag(list(hc.overrides.task), keys)) if keys else cfg  # -m of one point: a run
 
 
 def run(fn: Callable[[DictConfig], int], config_name: str, prog: str) -> None:
