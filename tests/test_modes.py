@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from trainrun import events, losses, metrics, run
+from trainrun import PY, ROOT, env, events, losses, metrics
 
 from data_pipeline.images import ImageShards, ImageShardsConfig
 from data_pipeline.tario import iter_shard
@@ -30,16 +31,39 @@ TINY = ["weights.autoencoder=", "weights.allow_random_autoencoder=true", "data.b
         "task.scale_samples=32", "checkpoint.every=2", "ema.decay=0.9"]  # fmt: skip
 
 
-def train_and_resume(tmp_path: Path, shards: Path, experiment: str, extra: tuple[str, ...] = ()) -> Path:
-    """2 steps and a checkpoint, then a resumed run to step 4; returns the checkpoints folder."""
-    run_dir = tmp_path / experiment
-    run(run_dir, shards, [*TINY, *extra, "max_steps=2"], nproc=1, experiment=experiment)
-    run(run_dir, shards, [*TINY, *extra, "max_steps=4"], nproc=1, experiment=experiment)
+SWEPT = ["uncond_shapes", "layout_shapes", "superres_shapes", "inpaint_shapes", "semantic_shapes", "tiny_cpu"]
+
+
+def train(run_dir: Path, shards: Path, experiments: list[str], extra: tuple[str, ...], steps: int) -> None:
+    """One ``ldm-train -m`` over the presets (each point in <run_dir>/experiment=<preset>): one interpreter start
+    for all of them."""
+    cmd = [PY, "-m", "trainer.cli.train", "-m", f"experiment={','.join(experiments)}", f"run_dir={run_dir}",
+           f"data.urls={shards}", "logger.log_every=1", "logger.progress=false", "data.num_workers=0",
+           "logger=jsonl", *TINY, *extra, f"max_steps={steps}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_labelled) -> Path:
+    """Every mode's preset: 2 steps and a checkpoint, then a resumed run to step 4 (class: in the test)."""
+    run_dir = tmp_path_factory.mktemp("modes")
+    train(run_dir, synth_labelled, SWEPT, (), 2)
+    train(run_dir, synth_labelled, SWEPT, (), 4)
+    return run_dir
+
+
+def resumed(run_dir: Path) -> Path:
+    """The checks every mode shares (resumed at step 2, four finite losses); returns the checkpoints folder."""
     rows = metrics(run_dir)
     assert [e["step"] for e in events(rows, "resumed_from")] == [2]
     steps = losses(rows)
     assert sorted(steps) == [1, 2, 3, 4] and all(math.isfinite(v) for v in steps.values())
     return run_dir / "checkpoints"
+
+
+def train_and_resume(trained: Path, experiment: str) -> Path:
+    return resumed(trained / f"experiment={experiment}")
 
 
 def sample(ckpt: Path, out: Path, prompt: str, *args: str, num: int = 2) -> list[np.ndarray]:
@@ -66,8 +90,8 @@ def held_out(synth_labelled, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_unconditional_trains_resumes_and_samples(tmp_path, synth_labelled):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "uncond_shapes")
+def test_unconditional_trains_resumes_and_samples(trained, tmp_path, synth_labelled):
+    ckpt = train_and_resume(trained, "uncond_shapes")
     images = sample(ckpt, tmp_path / "samples", "")
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
     assert not np.array_equal(images[0], images[1])  # two seeds, two images
@@ -89,7 +113,10 @@ def test_unconditional_trains_resumes_and_samples(tmp_path, synth_labelled):
 def test_class_cond_trains_resumes_and_samples_with_unet_num_classes(tmp_path, synth_labelled, held_out):
     """The class labels (the .json class_id) reach both the cross-attention tokens and, with unet.num_classes,
     the UNet's label embedding: its weights move in training (they once got no label at all)."""
-    ckpt = train_and_resume(tmp_path, synth_labelled, "class_cond_shapes", ("unet.num_classes=25",))
+    run_dir = tmp_path / "class"
+    train(run_dir, synth_labelled, ["class_cond_shapes"], ("unet.num_classes=25",), 2)
+    train(run_dir, synth_labelled, ["class_cond_shapes"], ("unet.num_classes=25",), 4)
+    ckpt = resumed(run_dir)  # -m with one value sweeps nothing: the run folder is run_dir itself
     first = trained_weights(ckpt / "step_00000002")  # the EMA, stitched from its per-rank fragments
     last = trained_weights(checkpoint_folder(ckpt))
     assert not torch.equal(first["unet.label_emb.weight"], last["unet.label_emb.weight"])
@@ -102,8 +129,8 @@ def test_class_cond_trains_resumes_and_samples_with_unet_num_classes(tmp_path, s
     assert not torch.allclose(a, b)  # same noise, another class: another sample
 
 
-def test_layout_trains_resumes_and_samples(tmp_path, synth_labelled):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "layout_shapes")
+def test_layout_trains_resumes_and_samples(trained, tmp_path, synth_labelled):
+    ckpt = train_and_resume(trained, "layout_shapes")
     images = sample(ckpt, tmp_path / "samples", "[[5, 0.55, 0.5, 0.95, 0.9]]")
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
     pipe = load_pipeline(ckpt)
@@ -112,8 +139,10 @@ def test_layout_trains_resumes_and_samples(tmp_path, synth_labelled):
     assert not torch.allclose(a, b)  # the box moved: the sample changed
 
 
-def test_superres_trains_resumes_and_samples_at_twice_its_training_size(tmp_path, synth_labelled, held_out):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "superres_shapes")
+def test_superres_trains_resumes_and_samples_at_twice_its_training_size(
+    trained, tmp_path, synth_labelled, held_out
+):
+    ckpt = train_and_resume(trained, "superres_shapes")
     images = sample(ckpt, tmp_path / "native", "", "--low-res", str(held_out["low8"]), num=1)
     assert images[0].shape == (32, 32, 3)
     big = sample(ckpt, tmp_path / "twice", "", "--low-res", str(held_out["low16"]),
@@ -128,8 +157,8 @@ def test_superres_trains_resumes_and_samples_at_twice_its_training_size(tmp_path
     assert torch.isfinite(pipe.decode_latents(z)).all()
 
 
-def test_inpaint_trains_resumes_and_samples(tmp_path, synth_labelled, held_out):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "inpaint_shapes")
+def test_inpaint_trains_resumes_and_samples(trained, tmp_path, synth_labelled, held_out):
+    ckpt = train_and_resume(trained, "inpaint_shapes")
     images = sample(ckpt, tmp_path / "samples", "", "--init-image", str(held_out["image"]),
                     "--mask", str(held_out["mask"]), num=1)  # fmt: skip
     assert images[0].shape == (32, 32, 3)
@@ -138,8 +167,10 @@ def test_inpaint_trains_resumes_and_samples(tmp_path, synth_labelled, held_out):
         pipe.generate_latents([""], GenerateOptions(steps=2, guidance=1.0))
 
 
-def test_semantic_trains_resumes_and_samples_at_twice_its_training_size(tmp_path, synth_labelled, held_out):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "semantic_shapes")
+def test_semantic_trains_resumes_and_samples_at_twice_its_training_size(
+    trained, tmp_path, synth_labelled, held_out
+):
+    ckpt = train_and_resume(trained, "semantic_shapes")
     images = sample(ckpt, tmp_path / "native", "", "--segmentation", str(held_out["seg"]), num=1)
     assert images[0].shape == (32, 32, 3)
     big_map = tmp_path / "seg64.png"
@@ -157,7 +188,7 @@ def test_semantic_trains_resumes_and_samples_at_twice_its_training_size(tmp_path
         pipe.generate_latents([""], opts, segmentation=seg * 0 + 30)
 
 
-def test_text_trains_resumes_and_samples(tmp_path, synth_labelled):
-    ckpt = train_and_resume(tmp_path, synth_labelled, "tiny_cpu")
+def test_text_trains_resumes_and_samples(trained, tmp_path, synth_labelled):
+    ckpt = train_and_resume(trained, "tiny_cpu")
     images = sample(ckpt, tmp_path / "samples", "a red circle in the top left")
     assert len(images) == 2 and images[0].shape == (32, 32, 3)
