@@ -24,11 +24,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers (one torch thread each; the Slurm tests stay together on one worker): most of the suite
+# is interpreter starts and tiny single-threaded models, so two streams use both cores (docs/benchmarks.md).
+XDIST := -n 2 --dist loadgroup
+
 test: lint  # everything CI runs: DeepSpeed ranks, a real local Slurm cluster (installed as root when missing)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: install  # the edit-test loop (< 3 min): no DeepSpeed launch, Slurm job or training run
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -170,11 +170,23 @@ def checkout_state() -> set[str]:
     return {p for p in paths if not p.startswith(CACHES) and "__pycache__" not in p}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker (and every process a test starts) computes with one thread: two workers
+    share two cores, and two intra-op threads per process on a shared core mostly wait on each other."""
+    if hasattr(config, "workerinput"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_sessionstart(session):
     session.config._checkout_before = checkout_state()
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return  # the controller checks once, after every worker has finished
     written = checkout_state() - session.config._checkout_before
     if written:
         print(

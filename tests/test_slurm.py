@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import save_file
 from trainrun import PY, ROOT, env, events, losses, metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker drives the one local cluster
 SUBMIT = [PY, "-m", "trainer.cli.submit"]
 
 
@@ -136,7 +136,7 @@ def test_pipeline_rehearsal_over_http_preempted_once_accounts_for_every_sample(
                                          f"weights.autoencoder={ae}", "weights.allow_random_autoencoder=false",
                                          f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline"])  # fmt: skip
         state = preempt_once(train, run_dir)
-        assert len(srv.requests("train-000003.tar")) == 3  # the 503, the dropped connection, the shard
+        faulty = srv.requests("train-000003.tar")
     log = job_log(run_dir)
     assert job_state(pre)["JobState"] == "COMPLETED", job_log(run_dir / "latents")[-3000:]
     pre_end = re.search(r"job step exited with code 0, (\S+)", job_log(run_dir / "latents")).group(1)
@@ -152,6 +152,7 @@ def test_pipeline_rehearsal_over_http_preempted_once_accounts_for_every_sample(
     assert last["data/seen"] == last["data/valid"] == steps * global_batch
     assert not [k for k in last if k.startswith("data/skipped")]
     assert (run_dir / "export" / "pipeline.json").is_file()
+    assert faulty[:3] == [None, None, "bytes=3000-"]  # the 503, the dropped connection, the rest of the shard
 
 
 def test_a_failed_precompute_cancels_the_training_it_feeds(tmp_path, synth_shards, slurm_cluster):
@@ -169,7 +170,7 @@ def test_sweep_is_a_job_array_whose_points_requeue_and_resume_on_their_own(
 ):
     """ldm-submit train -m: one array task per point, each in its own run folder with its own W&B run; one
     point is preempted and requeued alone."""
-    run_dir, steps = tmp_path / "sweep", 24
+    run_dir, steps = tmp_path / "sweep", 60
     [array] = submit("train", ["-m", *base(run_dir, synth_shards), "launcher.nodes=1", "launcher.tasks_per_node=1",
                                f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline",
                                "optim.lr=1e-3,3e-3"])  # fmt: skip
