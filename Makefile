@@ -24,9 +24,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two pytest workers (one torch thread each; the Slurm tests stay together on one worker): most of the suite
-# is interpreter starts and tiny single-threaded models, so two streams use both cores (docs/benchmarks.md).
-XDIST := -n 2 --dist loadgroup
+# Two pytest workers, one torch thread each, a test file per worker at a time (a module's fixtures, such as the
+# demo run or the one local Slurm cluster, are built once); tests/conftest.py hands out the longest files first.
+XDIST := -n 2 --dist loadfile
 
 test: lint  # everything CI runs: DeepSpeed ranks, a real local Slurm cluster (installed as root when missing)
 	$(BIN)/python -m pytest $(XDIST)

@@ -13,7 +13,7 @@ import time
 import pytest
 from safetensors.torch import load as safetensors_load
 from test_precompute import precompute, precompute_cmd, read_latents
-from trainrun import ROOT, env
+from trainrun import ROOT, env, kill_tree
 
 from data_pipeline.latents import LATENT_EXT, MANIFEST
 from data_pipeline.tario import iter_shard
@@ -75,8 +75,7 @@ def test_two_precompute_jobs_on_one_output_folder_refuse_the_second(tmp_path, sy
         res = failed(out, synth_shards, ae)
         assert "is in use by another ldm-precompute job" in res.stderr and "pid" in res.stderr
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill_tree(first)  # torchrun's ranks run in sessions of their own: killpg alone leaves them running
 
 
 def test_a_stop_signal_keeps_finished_shards_and_the_rerun_completes_them(tmp_path, synth_shards, tiny_ae):

@@ -13,7 +13,9 @@ import pytest
 from safetensors.torch import save_file
 from trainrun import PY, ROOT, env, events, losses, metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker drives the one local cluster
+pytestmark = (
+    pytest.mark.slow
+)  # (make test's --dist loadfile keeps this file, and the one local cluster, on one worker)
 SUBMIT = [PY, "-m", "trainer.cli.submit"]
 
 
