@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,6 +33,7 @@ def _rank_main(rank: int, world: int, port: int, urls: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two ranks
 def test_two_ranks_see_disjoint_samples_covering_the_epoch(synth_shards, tmp_path):
     out = tmp_path / "keys.json"
     port = 29500 + os.getpid() % 1000

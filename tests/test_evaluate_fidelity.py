@@ -105,6 +105,7 @@ def theirs(sets) -> dict:
     )
 
 
+@pytest.mark.slow  # the Inception features of two image sets: tens of seconds
 def test_fid_agrees_with_torch_fidelity(ours, theirs):
     assert ours["n_real"] == ours["n_fake"] == N
     assert ours["fid"] > 1.0  # the two sets differ: a meaningful comparison
@@ -125,6 +126,7 @@ def test_precision_recall_and_inception_score_agree_with_torch_fidelity(ours, th
     assert rel(ours["inception_score_std"], theirs["inception_score_std"]) <= 1e-3
 
 
+@pytest.mark.slow  # the Inception features of two image sets: tens of seconds
 def test_fid_ref_stats_are_reused_and_checked(sets, ours, tmp_path):
     ref = load_reference(sets["root"] / "ref.npz")  # written by the first run (REAL given, file absent)
     assert ref.n == N and ref.features.shape == (N, 2048) and ref.network == ours["network"]

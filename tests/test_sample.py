@@ -64,6 +64,7 @@ def test_inpainting_keeps_the_known_region_and_img2img_starts_from_the_image(exp
     assert (weak - known).abs().mean() < (strong - known).abs().mean()
 
 
+@pytest.mark.slow  # a sampling run in a subprocess
 def test_ldm_sample_cli_writes_pngs_grid_and_index(export_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle in the top left\n\na blue cross in the bottom right\n")
