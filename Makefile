@@ -29,7 +29,7 @@ lint: install
 XDIST := -n 2 --dist loadfile
 
 test: lint  # everything CI runs: DeepSpeed ranks, a real local Slurm cluster (installed as root when missing)
-	$(BIN)/python -m pytest $(XDIST)
+	$(BIN)/python -m pytest $(XDIST) --durations=30
 
 test-fast: install  # the edit-test loop (< 3 min): no DeepSpeed launch, Slurm job or training run
 	$(BIN)/python -m pytest $(XDIST) -m "not slow"

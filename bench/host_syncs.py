@@ -3,8 +3,8 @@
     .venv/bin/python bench/host_syncs.py [--steps 4] [--nproc 2] [--json out.json]
     # on a GPU machine: --device cuda (counts only reads of CUDA tensors: CPU control flags are free there)
 
-Each configuration (ZeRO 0/2/3 x fp32/bf16, the tiny_cpu experiment) runs as ``--nproc`` real ranks (torchrun,
-gloo on CPU). After two warm-up steps, ``--steps`` steps run inside :class:`trainer.engine.syncs.HostSyncs`
+Each configuration (ZeRO 0/2/3 x fp32/bf16, the tiny_cpu experiment) runs in turn in one launch of ``--nproc``
+real ranks (torchrun, gloo on CPU), each with an engine of its own. After two warm-up steps, ``--steps`` steps run inside :class:`trainer.engine.syncs.HostSyncs`
 with logging, sampling and checkpoints off, so what is counted is what every step pays. It then measures, the
 same way, one update of the EMA as it was (every rank reading the full fp32 weights: a gather per parameter
 under bf16 or ZeRO-3) against the sharded EMA's update, and prints the ratio of bytes moved.
@@ -24,9 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(0, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16")]
 
 
-def one(args) -> None:
-    """Inside a rank: train, count, print one JSON line (rank 0)."""
+def inside(args) -> None:
+    """Inside a rank: every configuration of ``--configs`` in turn (one launch: starting ranks costs more than
+    the steps counted), one JSON line each (rank 0)."""
     import torch
+
+    for item in args.configs.split(","):
+        zero, precision = item.split(":")
+        one(args, int(zero), precision)
+        torch.distributed.barrier()
+
+
+def one(args, zero: int, precision: str) -> None:
+    """Train a few steps of one configuration, count, print one JSON line (rank 0)."""
     from tqdm import tqdm
 
     from trainer.config import compose
@@ -34,8 +44,8 @@ def one(args) -> None:
     from trainer.engine.syncs import HostSyncs
     from trainer.train import Run, prepare, seed_everything
 
-    overrides = ["experiment=tiny_cpu", f"run_dir={args.run_dir}", f"data.urls={args.shards}",
-                 f"deepspeed.zero_stage={args.zero}", f"precision={args.precision}", "logger=jsonl",
+    overrides = ["experiment=tiny_cpu", f"run_dir={args.run_dir / f'run{zero}{precision}'}",
+                 f"data.urls={args.shards}", f"deepspeed.zero_stage={zero}", f"precision={precision}", "logger=jsonl",
                  "logger.log_every=1000000", "logger.progress=false", "eval.every=0", "checkpoint.every=1000000",
                  "checkpoint.save_final=false", "data.num_workers=0", f"device={args.device}",
                  f"max_steps={args.steps + 3}"]  # fmt: skip
@@ -52,15 +62,15 @@ def one(args) -> None:
             run.train_step(data, bar)
     module = run.task.ema_module()
     with HostSyncs(device) as old_ema:  # the EMA before issue 16: every rank reads the full fp32 weights
-        for _ in full_fp32_params(module, args.zero, run.precision.mixed):
+        for _ in full_fp32_params(module, zero, run.precision.mixed):
             pass
     with HostSyncs(device) as new_ema:
         run.ema.update()
     n = args.steps
     ours = {k: v / n for k, v in step.reads.items() if k.startswith("ours:")}
     out = {
-        "zero": args.zero,
-        "precision": args.precision,
+        "zero": zero,
+        "precision": precision,
         "world": run.env.world_size,
         "reads_per_step_ours": sum(ours.values()),
         "reads_per_step_ours_by_site": ours,
@@ -79,34 +89,33 @@ def one(args) -> None:
         "ema_update_collectives_old": sum(old_ema.collectives.values()),
         "ema_update_collectives_sharded": sum(new_ema.collectives.values()),
         "model_fp32_bytes": sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
-        if args.zero < 3
+        if zero < 3
         else sum(p.ds_numel * 4 for p in module.parameters() if p.requires_grad),
     }
     if run.env.is_main:
         print("RESULT " + json.dumps(out), flush=True)
-    torch.distributed.barrier()
+    run.logger.finish()
 
 
-def launch(zero: int, precision: str, args, shards: Path, tmp: Path) -> dict:
+def launch(args, shards: Path, tmp: Path) -> list[dict]:
     from trainer.engine.distributed import free_port
 
     cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={args.nproc}", "--master_port",
-           str(free_port()), __file__, "--one", f"--zero={zero}", f"--precision={precision}", f"--steps={args.steps}",
-           f"--shards={shards}", f"--run-dir={tmp / f'run{zero}{precision}'}", f"--device={args.device}"]  # fmt: skip
+           str(free_port()), __file__, "--one", f"--configs={args.configs}", f"--steps={args.steps}",
+           f"--shards={shards}", f"--run-dir={tmp}", f"--device={args.device}"]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"ZeRO-{zero} {precision} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][7:])
+    rows = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or len(rows) != len(args.configs.split(",")):
+        done = [f"{r['zero']}:{r['precision']}" for r in rows]
+        raise SystemExit(f"failed after {done}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--zero", type=int, default=2)
-    p.add_argument("--precision", default="fp32")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -116,17 +125,14 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.one:
-        one(args)
+        inside(args)
         return
     from data_pipeline.synthetic import write_synthetic
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         write_synthetic(str(shards), num=320, shard_size=40, size=32, seed=0, progress=False)
-        for item in args.configs.split(","):
-            zero, precision = item.split(":")
-            rows.append(launch(int(zero), precision, args, shards, Path(tmp)))
+        rows = launch(args, shards, Path(tmp))
     print(
         f"{'config':<14}{'ours':>6}{'ds':>6}{'coll/step':>10}{'MB/step':>9}{'EMA old MB':>11}{'EMA new MB':>11}{'ratio':>7}"
     )

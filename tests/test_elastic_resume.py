@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from trainrun import events, losses, metrics, run
 
+from data_pipeline.synthetic import write_synthetic
 from trainer.inference.export import trained_weights
 
 pytestmark = pytest.mark.slow
-EPOCH = 320  # synth_shards
+EPOCH = 64  # small_epoch: 8 shards, one per reader at 4 ranks x 2 workers
 BATCH = 8  # experiment=tiny_cpu
+
+
+@pytest.fixture(scope="module")
+def small_epoch(tmp_path_factory) -> Path:
+    """8 shards x 8 synthetic 32px samples: an epoch of a few steps (the cost of these tests is in starting and
+    resharding ranks, not in the steps, so the epoch is as short as the reader layout allows)."""
+    out = tmp_path_factory.mktemp("small_epoch")
+    write_synthetic(str(out), num=EPOCH, shard_size=EPOCH // 8, size=32, seed=0, progress=False)
+    return out
 
 
 def epoch_keys(run_dir, ranks: int) -> Counter:
@@ -31,19 +42,35 @@ def epoch_keys(run_dir, ranks: int) -> Counter:
     return seen
 
 
-def elastic(tmp_path, shards, stage: int, before: int, after: int, precision: str, saved_at: int = 6) -> dict:
-    """``before`` ranks to step ``saved_at``, then ``after`` ranks through the rest of epoch 0 and beyond."""
+def elastic(
+    tmp_path,
+    shards,
+    stage: int,
+    before: int,
+    after: int,
+    precision: str,
+    saved_at: int = 2,
+    dump: bool = False,
+) -> dict:
+    """``before`` ranks to step ``saved_at``, then ``after`` ranks through the rest of epoch 0 and beyond.
+    ``dump``: first resume on ``after`` ranks at the saved step itself (nothing trained, nothing saved) and dump
+    the live fp32 weights to ``final_weights.safetensors``, so they can be compared with the checkpoint's."""
     common = [f"deepspeed.zero_stage={stage}", f"precision={precision}", "faults.log_keys=true",
               "checkpoint.every=1000", "eval.every=0"]  # fmt: skip
     left = EPOCH - saved_at * before * BATCH
+    assert left > 0, "the save must fall inside epoch 0"
     total = saved_at + -(-left // (after * BATCH)) + 3  # past the end of epoch 0 on every reader
     run_dir = tmp_path / "elastic"
     run(run_dir, shards, [*common, f"max_steps={saved_at}"], nproc=before)
+    saved = {}
+    if dump:  # read now: checkpoint retention may drop the saved step once the resumed run saves its own
+        saved = trained_weights(run_dir / "checkpoints" / f"step_{saved_at:08d}", ema=False)
+        run(run_dir, shards, [*common, f"max_steps={saved_at}", "faults.dump_weights=true"], nproc=after)
     resumed = run(run_dir, shards, [*common, f"max_steps={total}"], nproc=after)
     ref_dir = tmp_path / "uninterrupted"
     run(ref_dir, shards, [*common, f"max_steps={total}"], nproc=after)
     return {"dir": run_dir, "ref": ref_dir, "total": total, "saved_at": saved_at, "log": resumed.stderr,
-            "ranks": max(before, after)}  # fmt: skip
+            "ranks": max(before, after), "saved_weights": saved}  # fmt: skip
 
 
 def adam_step(folder) -> int:
@@ -84,22 +111,19 @@ def check(r: dict) -> None:
     assert abs(mean_got - mean_ref) < 0.15 * mean_ref, (mean_got, mean_ref)
 
 
-def test_elastic_zero2_bf16_two_ranks_resume_on_one_with_exact_weights(tmp_path, synth_shards):
-    r = elastic(tmp_path, synth_shards, stage=2, before=2, after=1, precision="bf16")
+def test_elastic_zero2_bf16_two_ranks_resume_on_one_with_exact_weights(tmp_path, small_epoch):
+    r = elastic(tmp_path, small_epoch, stage=2, before=2, after=1, precision="bf16", dump=True)
     check(r)
-    # the weights arrive exactly: resume at the saved step on one rank and dump the live fp32 weights
-    probe = tmp_path / "probe"
-    common = ["deepspeed.zero_stage=2", "precision=bf16", "eval.every=0", "faults.dump_weights=true"]
-    run(probe, synth_shards, [*common, "max_steps=2", "checkpoint.every=2"], nproc=2)
-    before = trained_weights(probe / "checkpoints" / "step_00000002", ema=False)
-    run(probe, synth_shards, [*common, "max_steps=2"], nproc=1)
-    live = load_file(str(probe / "final_weights.safetensors"))
-    assert sorted(live) == sorted(before) and all(torch.equal(live[k], before[k]) for k in before)
+    # the weights arrive exactly: the live fp32 weights of the 1-rank resume at the saved step (dumped before it
+    # trained on) are the 2-rank checkpoint's
+    saved = r["saved_weights"]
+    live = load_file(str(r["dir"] / "final_weights.safetensors"))
+    assert sorted(live) == sorted(saved) and all(torch.equal(live[k], saved[k]) for k in saved)
 
 
-def test_elastic_zero3_two_ranks_resume_on_four(tmp_path, synth_shards):
-    check(elastic(tmp_path, synth_shards, stage=3, before=2, after=4, precision="fp32", saved_at=4))
+def test_elastic_zero3_two_ranks_resume_on_four(tmp_path, small_epoch):
+    check(elastic(tmp_path, small_epoch, stage=3, before=2, after=4, precision="fp32"))
 
 
-def test_elastic_zero2_one_rank_resumes_on_two(tmp_path, synth_shards):
-    check(elastic(tmp_path, synth_shards, stage=2, before=1, after=2, precision="fp32"))
+def test_elastic_zero2_one_rank_resumes_on_two(tmp_path, small_epoch):
+    check(elastic(tmp_path, small_epoch, stage=2, before=1, after=2, precision="fp32"))
