@@ -8,7 +8,6 @@ import io
 import itertools
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from trainrun import PY, ROOT, env, events, losses, metrics
+from trainrun import events, losses, metrics, multirun
 
 from data_pipeline.images import ImageShards, ImageShardsConfig
 from data_pipeline.tario import iter_shard
@@ -34,22 +33,12 @@ TINY = ["weights.autoencoder=", "weights.allow_random_autoencoder=true", "data.b
 SWEPT = ["uncond_shapes", "layout_shapes", "superres_shapes", "inpaint_shapes", "semantic_shapes", "tiny_cpu"]
 
 
-def train(run_dir: Path, shards: Path, experiments: list[str], extra: tuple[str, ...], steps: int) -> None:
-    """One ``ldm-train -m`` over the presets (each point in <run_dir>/experiment=<preset>): one interpreter start
-    for all of them."""
-    cmd = [PY, "-m", "trainer.cli.train", "-m", f"experiment={','.join(experiments)}", f"run_dir={run_dir}",
-           f"data.urls={shards}", "logger.log_every=1", "logger.progress=false", "data.num_workers=0",
-           "logger=jsonl", *TINY, *extra, f"max_steps={steps}"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synth_labelled) -> Path:
     """Every mode's preset: 2 steps and a checkpoint, then a resumed run to step 4 (class: in the test)."""
     run_dir = tmp_path_factory.mktemp("modes")
-    train(run_dir, synth_labelled, SWEPT, (), 2)
-    train(run_dir, synth_labelled, SWEPT, (), 4)
+    for steps in (2, 4):
+        multirun(run_dir, synth_labelled, [*TINY, f"max_steps={steps}"], experiment=",".join(SWEPT))
     return run_dir
 
 
@@ -114,8 +103,10 @@ def test_class_cond_trains_resumes_and_samples_with_unet_num_classes(tmp_path, s
     """The class labels (the .json class_id) reach both the cross-attention tokens and, with unet.num_classes,
     the UNet's label embedding: its weights move in training (they once got no label at all)."""
     run_dir = tmp_path / "class"
-    train(run_dir, synth_labelled, ["class_cond_shapes"], ("unet.num_classes=25",), 2)
-    train(run_dir, synth_labelled, ["class_cond_shapes"], ("unet.num_classes=25",), 4)
+    for steps in (2, 4):
+        multirun(
+            run_dir, synth_labelled, [*TINY, "unet.num_classes=25", f"max_steps={steps}"], "class_cond_shapes"
+        )
     ckpt = resumed(run_dir)  # -m with one value sweeps nothing: the run folder is run_dir itself
     first = trained_weights(ckpt / "step_00000002")  # the EMA, stitched from its per-rank fragments
     last = trained_weights(checkpoint_folder(ckpt))

@@ -3,10 +3,8 @@ crosses points (the Slurm job array form is in tests/test_slurm.py)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from trainrun import PY, env, events, metrics
+from trainrun import events, metrics, multirun
 
 from trainer.config import ConfigError, compose
 from trainer.sweep import at_point, expand, point_tag, swept_keys
@@ -40,11 +38,12 @@ def test_sweep_refuses_intervals_and_a_checkpoint_folder_shared_by_every_point(t
 
 
 def sweep(run_dir, shards, steps: int, lrs: str) -> None:
-    cmd = [PY, "-m", "trainer.cli.train", "-m", "experiment=tiny_cpu", f"run_dir={run_dir}", f"data.urls={shards}",
-           "logger=wandb_offline", "logger.progress=false", "logger.log_every=1", f"max_steps={steps}",
-           "checkpoint.every=2", "data.num_workers=0", f"optim.lr={lrs}"]  # fmt: skip
-    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    multirun(
+        run_dir,
+        shards,
+        [f"max_steps={steps}", "checkpoint.every=2", f"optim.lr={lrs}"],
+        logger="wandb_offline",
+    )
 
 
 @pytest.mark.slow

@@ -85,6 +85,23 @@ def run(
     return out
 
 
+def multirun(
+    run_dir: Path, shards: Path, overrides: list[str], experiment: str = "tiny_cpu", logger: str = "jsonl"
+) -> subprocess.CompletedProcess:
+    """One ``ldm-train -m`` on one rank: every point of the swept overrides (comma lists; ``experiment`` may be
+    one too) in one interpreter, each in ``<run_dir>/<key=value,...>`` (starting Python and torch costs more than
+    a tiny run's steps)."""
+    cmd = [PY, "-m", "trainer.cli.train", "-m", f"experiment={experiment}", f"run_dir={run_dir}",
+           f"data.urls={shards}", f"logger={logger}", "logger.log_every=1", "logger.progress=false",
+           "data.num_workers=0", *overrides]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise AssertionError(
+            f"ldm-train -m failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+        )
+    return out
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun starts each rank in a session of its own: killpg misses them)."""
     children: dict[int, list[int]] = {}
