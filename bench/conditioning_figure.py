@@ -1,7 +1,7 @@
 """The figure of docs/conditioning.md: every conditioning mode, trained briefly on CPU on the labelled synthetic
 shapes with its preset, sampled on held-out conditions.
 
-    .venv/bin/python bench/conditioning_figure.py --out runs/modes [--steps 800] [--ae-steps 1500]
+    .venv/bin/python bench/conditioning_figure.py --out runs/modes [--steps 600] [--ae-steps 1000]
 
 Stages (each the command a user runs, printed first; a finished stage is skipped on a rerun): ldm-data synth
 --labels (train and held-out), the f=4 autoencoder (ldm-train task=autoencoder on the shapes, ldm-export), one
@@ -105,8 +105,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/modes"))
     p.add_argument("--train", type=int, default=6000)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--ae-steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--modes", nargs="*", default=list(MODES))
     args = p.parse_args()
