@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,16 +33,23 @@ def test_fp16_config_renders_deepspeed_dynamic_loss_scale():
         assert compose("train", [f"experiment={name}"]).precision == "bf16"
 
 
+@pytest.fixture(scope="module")
+def fp16_runs(tmp_path_factory, synth_shards) -> Path:
+    """fp16 at ZeRO 2 and 0, one after the other in one process (ldm-train -m)."""
+    run_dir = tmp_path_factory.mktemp("fp16")
+    run(run_dir, synth_shards, ["precision=fp16", "max_steps=10", "checkpoint.every=5", "task.scale_samples=32",
+                                "deepspeed.zero_stage=2,0", "+deepspeed.extra.fp16.initial_scale_power=24",
+                                "+deepspeed.extra.fp16.hysteresis=1", "faults.nan_loss_at=[9]"], nproc=1, sweep=True)  # fmt: skip
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 0])
-def test_fp16_trains_with_dynamic_loss_scaling(tmp_path, synth_shards, zero_stage):
+def test_fp16_trains_with_dynamic_loss_scaling(fp16_runs, zero_stage):
     """Starting at a loss scale of 2^24 the scaled gradients overflow fp16 until DeepSpeed has halved it enough
     (ZeRO-2); those skipped steps are loss scaling at work, so the non-finite guard (3 in a row roll back) stays
     quiet. The NaN loss injected at step 9 is a real non-finite step and is counted."""
-    run(tmp_path, synth_shards, ["precision=fp16", "max_steps=10", "checkpoint.every=5", "task.scale_samples=32",
-                                 f"deepspeed.zero_stage={zero_stage}", "+deepspeed.extra.fp16.initial_scale_power=24",
-                                 "+deepspeed.extra.fp16.hysteresis=1", "faults.nan_loss_at=[9]"], nproc=1)  # fmt: skip
-    rows = metrics(tmp_path)
+    rows = metrics(fp16_runs / f"deepspeed.zero_stage={zero_stage}")
     steps = [r for r in rows if "loss" in r]
     scales = [r["loss_scale"] for r in steps]
     assert [r["step"] for r in steps] == list(range(1, 11))

@@ -138,7 +138,8 @@ def test_training_from_latents_gives_the_first_step_loss_of_training_from_images
         "checkpoint.every=100",
         "ema.enabled=false",
     ]
-    run(tmp_path / "img", synth_shards, common, nproc=1)
+    # the images run measures the scale factor on every sample, as precompute does
+    run(tmp_path / "img", synth_shards, [*common, "task.scale_samples=1024"], nproc=1)
     run(tmp_path / "lat_run", lat, [*common, "data=latents", "data.shuffle_buffer=500"], nproc=1)
     a = [r for r in metrics(tmp_path / "img") if "loss" in r]
     b = [r for r in metrics(tmp_path / "lat_run") if "loss" in r]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,20 +17,19 @@ from trainer.inference.export import checkpoint_folder, export, trained_weights
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def zero_stages(tmp_path_factory, synth_shards) -> Path:
+    """ZeRO 0, 2 and 3, one after another in one launch of 2 ranks (ldm-train -m)."""
+    run_dir = tmp_path_factory.mktemp("zero_stages")
+    overrides = ["deepspeed.zero_stage=0,2,3", "max_steps=30", "checkpoint.every=10", "optim.lr=1e-3",
+                 "faults.dump_weights=true"]  # fmt: skip
+    run(run_dir, synth_shards, overrides, sweep=True)
+    return run_dir
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_stage_trains_checkpoints_per_rank_and_exports_the_engine_weights(tmp_path, synth_shards, stage):
-    run_dir = tmp_path / "run"
-    run(
-        run_dir,
-        synth_shards,
-        [
-            f"deepspeed.zero_stage={stage}",
-            "max_steps=30",
-            "checkpoint.every=10",
-            "optim.lr=1e-3",
-            "faults.dump_weights=true",
-        ],
-    )
+def test_zero_stage_trains_checkpoints_per_rank_and_exports_the_engine_weights(tmp_path, zero_stages, stage):
+    run_dir = zero_stages / f"deepspeed.zero_stage={stage}"
     loss = losses(metrics(run_dir))
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
     assert last < 0.9 * first, (first, last)
@@ -107,21 +107,19 @@ def test_kill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, syn
     assert events(rows, "done")[-1]["step"] == 12
 
 
+@pytest.fixture(scope="module")
+def non_finite(tmp_path_factory, synth_shards) -> Path:
+    """ZeRO 0 and 2 with injected non-finite steps, in one launch of 2 ranks (ldm-train -m)."""
+    run_dir = tmp_path_factory.mktemp("non_finite")
+    overrides = ["deepspeed.zero_stage=0,2", "max_steps=20", "checkpoint.every=5", "faults.inf_grad_at=[7]",
+                 "faults.nan_loss_at=[3,11,12,13]", "guard.max_consecutive_bad=3"]  # fmt: skip
+    run(run_dir, synth_shards, overrides, sweep=True)
+    return run_dir
+
+
 @pytest.mark.parametrize("stage", [0, 2])
-def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path, synth_shards, stage):
-    run(
-        tmp_path,
-        synth_shards,
-        [
-            f"deepspeed.zero_stage={stage}",
-            "max_steps=20",
-            "checkpoint.every=5",
-            "faults.inf_grad_at=[7]",
-            "faults.nan_loss_at=[3,11,12,13]",
-            "guard.max_consecutive_bad=3",
-        ],
-    )
-    rows = metrics(tmp_path)
+def test_non_finite_steps_are_skipped_then_rolled_back(non_finite, stage):
+    rows = metrics(non_finite / f"deepspeed.zero_stage={stage}")
     applied = {r["step"]: r["step_applied"] for r in rows if "step_applied" in r}
     assert [s for s, a in applied.items() if not a] == [4, 8, 12, 13, 14]  # logged after the step (1-based)
     rollback = events(rows, "rollback")

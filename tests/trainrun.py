@@ -36,9 +36,17 @@ def env() -> dict:
 
 
 def command(
-    run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2, experiment: str = "tiny_cpu"
+    run_dir: Path,
+    shards: Path,
+    overrides: list[str],
+    nproc: int = 2,
+    experiment: str = "tiny_cpu",
+    sweep: bool = False,
 ) -> list[str]:
+    """The ldm-train command line; ``sweep``: ``-m``, every point of the comma lists in turn in the same ranks,
+    each in ``<run_dir>/<key=value,...>`` (one start-up of Python, torch and the ranks for all of them)."""
     base = [
+        *(["-m"] if sweep else []),
         f"experiment={experiment}",
         f"run_dir={run_dir}",
         f"data.urls={shards}",
@@ -69,9 +77,10 @@ def run(
     check: bool = True,
     timeout: int = 600,
     experiment: str = "tiny_cpu",
+    sweep: bool = False,
 ) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        command(run_dir, shards, overrides, nproc, experiment),
+        command(run_dir, shards, overrides, nproc, experiment, sweep),
         cwd=ROOT,
         env=env(),
         capture_output=True,
