@@ -46,7 +46,7 @@ class DemoBudget:
 
 
 QUICK = DemoBudget(
-    synth_images=1200, photo_crops=200, ae_steps=40, unet_steps=40, curve_points=2, images_per_prompt=1,
+    synth_images=600, photo_crops=200, ae_steps=20, unet_steps=20, curve_points=2, images_per_prompt=1,
     sample_steps=10,
 )  # fmt: skip
 
