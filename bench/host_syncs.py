@@ -4,8 +4,9 @@
     # on a GPU machine: --device cuda (counts only reads of CUDA tensors: CPU control flags are free there)
 
 Each configuration (ZeRO 0/2/3 x fp32/bf16, the tiny_cpu experiment) runs in turn in one launch of ``--nproc``
-real ranks (torchrun, gloo on CPU), each with an engine of its own. After two warm-up steps, ``--steps`` steps run inside :class:`trainer.engine.syncs.HostSyncs`
-with logging, sampling and checkpoints off, so what is counted is what every step pays. It then measures, the
+real ranks (torchrun, gloo on CPU), each with an engine of its own. After two warm-up steps, ``--steps`` steps
+run inside :class:`trainer.engine.syncs.HostSyncs` with logging, sampling and checkpoints off, so what is
+counted is what every step pays. It then measures, the
 same way, one update of the EMA as it was (every rank reading the full fp32 weights: a gather per parameter
 under bf16 or ZeRO-3) against the sharded EMA's update, and prints the ratio of bytes moved.
 """

@@ -42,6 +42,8 @@ def command(
     nproc: int = 2,
     experiment: str = "tiny_cpu",
     sweep: bool = False,
+    logger: str = "jsonl",
+    workers: int = 2,
 ) -> list[str]:
     """The ldm-train command line; ``sweep``: ``-m``, every point of the comma lists in turn in the same ranks,
     each in ``<run_dir>/<key=value,...>`` (one start-up of Python, torch and the ranks for all of them)."""
@@ -52,8 +54,8 @@ def command(
         f"data.urls={shards}",
         "logger.log_every=1",
         "logger.progress=false",
-        "data.num_workers=2",
-        "logger=jsonl",
+        f"data.num_workers={workers}",
+        f"logger={logger}",
     ]
     if nproc == 1:
         return [PY, "-m", "trainer.cli.train", *base, *overrides]
@@ -78,9 +80,11 @@ def run(
     timeout: int = 600,
     experiment: str = "tiny_cpu",
     sweep: bool = False,
+    logger: str = "jsonl",
+    workers: int = 2,
 ) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        command(run_dir, shards, overrides, nproc, experiment, sweep),
+        command(run_dir, shards, overrides, nproc, experiment, sweep, logger, workers),
         cwd=ROOT,
         env=env(),
         capture_output=True,
@@ -97,18 +101,10 @@ def run(
 def multirun(
     run_dir: Path, shards: Path, overrides: list[str], experiment: str = "tiny_cpu", logger: str = "jsonl"
 ) -> subprocess.CompletedProcess:
-    """One ``ldm-train -m`` on one rank: every point of the swept overrides (comma lists; ``experiment`` may be
-    one too) in one interpreter, each in ``<run_dir>/<key=value,...>`` (starting Python and torch costs more than
-    a tiny run's steps)."""
-    cmd = [PY, "-m", "trainer.cli.train", "-m", f"experiment={experiment}", f"run_dir={run_dir}",
-           f"data.urls={shards}", f"logger={logger}", "logger.log_every=1", "logger.progress=false",
-           "data.num_workers=0", *overrides]  # fmt: skip
-    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise AssertionError(
-            f"ldm-train -m failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
-        )
-    return out
+    """One ``ldm-train -m`` on one rank with no loader workers: every point of the swept overrides (comma lists;
+    ``experiment`` may be one too) in one interpreter, each in ``<run_dir>/<key=value,...>``."""
+    return run(run_dir, shards, overrides, nproc=1, timeout=900, experiment=experiment, sweep=True, logger=logger,
+               workers=0)  # fmt: skip
 
 
 def descendants(pid: int) -> list[int]:
