@@ -20,7 +20,8 @@ def test_periodic_eval_in_training_uses_the_ema_weights_on_every_rank(tmp_path, 
     run_dir = tmp_path / "run"
     prompts = "[" + ",".join(f"'{p}'" for p in PROMPTS) + "]"
     run(run_dir, synth_shards, ["max_steps=4", "eval.every=4", "eval.adherence=true", f"eval.prompts={prompts}",
-                                "eval.steps=4", "eval.seed=100", "checkpoint.every=4", "ema.decay=0.5"])  # fmt: skip
+                                "eval.steps=4", "eval.seed=100", "checkpoint.every=4", "ema.decay=0.5",
+                                "optim.lr=0.01"])  # fmt: skip  (weights that move: the raw grid differs from the EMA one)
     record = json.loads((run_dir / "eval" / "step_4.json").read_text())
     assert record["n"] == len(PROMPTS) and record["world_size"] == 2
     logged = [r for r in metrics(run_dir) if "eval/adherence_all" in r]
@@ -30,7 +31,9 @@ def test_periodic_eval_in_training_uses_the_ema_weights_on_every_rank(tmp_path, 
     assert (run_dir / "samples" / "samples_00000004.png").is_file()
 
     # the same prompts and seeds through a pipeline on the checkpoint's EMA weights give the same grid, the raw
-    # weights another one
+    # weights another one. "The same" up to float rounding: the ranks sample two prompts each, the pipeline four in
+    # one batch, and the images agree to ~7e-7 (measured), which can move a pixel that sits on a rounding boundary
+    # by one grey level; the raw weights change most pixels (64%, up to 13 levels, measured).
     from trainer.evaluate.periodic import EvalMetrics, evaluate_prompts
     from trainer.inference.pipeline import GenerateOptions, load_pipeline
 
@@ -41,5 +44,8 @@ def test_periodic_eval_in_training_uses_the_ema_weights_on_every_rank(tmp_path, 
         out = tmp_path / f"again_{ema}"
         evaluate_prompts(pipe, PROMPTS, seeds, opts, EvalMetrics(adherence=True), 4, out)
         again = np.asarray(Image.open(out / "step_4.png"))
-        diff = np.abs(again.astype(int) - grid.astype(int)).max()
-        assert (diff == 0) == same, (ema, diff)  # bit for bit with the EMA; the raw weights differ
+        diff = np.abs(again.astype(int) - grid.astype(int))
+        if same:
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).mean())
+        else:
+            assert (diff > 0).mean() > 0.2 and diff.max() >= 4, (diff.max(), (diff > 0).mean())
