@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python tools/install_venv.py $(VENV) '.[dev]'  # uv with pip's indexes and pins (pip if uv fails)
 	touch $@
 
 demo: install  # replaces $(RUN): the whole pipeline on generated data, CPU, ~20 min; see docs/getting-started.md

@@ -19,9 +19,11 @@ PROMPTS = ["a red circle in the top left", "a blue square in the bottom right", 
 def test_periodic_eval_in_training_uses_the_ema_weights_on_every_rank(tmp_path, synth_shards):
     run_dir = tmp_path / "run"
     prompts = "[" + ",".join(f"'{p}'" for p in PROMPTS) + "]"
-    run(run_dir, synth_shards, ["max_steps=4", "eval.every=4", "eval.adherence=true", f"eval.prompts={prompts}",
-                                "eval.steps=4", "eval.seed=100", "checkpoint.every=4", "ema.decay=0.5",
-                                "optim.lr=0.01"])  # fmt: skip  (weights that move: the raw grid differs from the EMA one)
+    overrides = ["max_steps=4", "eval.every=4", "eval.adherence=true", f"eval.prompts={prompts}", "eval.steps=4",
+                 "eval.seed=100", "checkpoint.every=4", "ema.decay=0.5", "optim.lr=0.01"]  # fmt: skip
+    run(
+        run_dir, synth_shards, overrides
+    )  # lr 0.01: weights that move, so the raw grid differs from the EMA one
     record = json.loads((run_dir / "eval" / "step_4.json").read_text())
     assert record["n"] == len(PROMPTS) and record["world_size"] == 2
     logged = [r for r in metrics(run_dir) if "eval/adherence_all" in r]

@@ -57,8 +57,12 @@ def command(
         f"data.num_workers={workers}",
         f"logger={logger}",
     ]
-    if experiment == "tiny_cpu" and not any(o.startswith(("task=", "task.scale_samples=")) for o in overrides):
-        base.append("task.scale_samples=64")  # the latent scale factor from 64 images, not all 320: ~2 s per start
+    if experiment == "tiny_cpu" and not any(
+        o.startswith(("task=", "task.scale_samples=")) for o in overrides
+    ):
+        base.append(
+            "task.scale_samples=64"
+        )  # the latent scale factor from 64 images, not all 320: ~2 s per start
     if nproc == 1:
         return [PY, "-m", "trainer.cli.train", *base, *overrides]
     return [
