@@ -23,7 +23,7 @@ def test_periodic_eval_in_training_uses_the_ema_weights_on_every_rank(tmp_path, 
                  "eval.seed=100", "checkpoint.every=4", "ema.decay=0.5", "optim.lr=0.01"]  # fmt: skip
     run(
         run_dir, synth_shards, overrides
-    )  # lr 0.01: weights that move, so the raw grid differs from the EMA one
+    )  # lr 0.01: weights that move (the raw grid must differ from the EMA one)
     record = json.loads((run_dir / "eval" / "step_4.json").read_text())
     assert record["n"] == len(PROMPTS) and record["world_size"] == 2
     logged = [r for r in metrics(run_dir) if "eval/adherence_all" in r]
