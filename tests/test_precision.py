@@ -111,3 +111,26 @@ def test_zero0_16bit_keeps_fp32_masters_and_the_ema_follows_them(tmp_path, name)
     result = torch.load(tmp_path / "result.pt")
     assert result == {"optimizer": "FP16_UnfusedOptimizer", "fragments_fp32": True, "gathered_are_masters": True,
                       "differs_from_16bit": True}  # fmt: skip
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_runs_the_forward_in_bf16():
+    """precision=bf16-autocast: DeepSpeed sees an fp32 model (no bf16/fp16 section enabled), the task's forward
+    runs matmuls in bf16, and AdamW's fused kernel (optim.fused) takes the same step as the loop (to rounding)."""
+    prec = precision("bf16-autocast")
+    assert prec.dtype == torch.float32 and not prec.mixed and prec.autocast == torch.bfloat16
+    cfg = ds_config(DeepSpeedConfig(), AdamW(), 8, prec, 1e-4)
+    assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with prec.forward_context(torch.device("cpu")):
+        assert (a @ b).dtype == torch.bfloat16
+    with precision("fp32").forward_context(torch.device("cpu")):
+        assert (a @ b).dtype == torch.float32
+    steps = []
+    for fused in (False, True):
+        w = torch.nn.Parameter(torch.ones(1000))
+        opt = AdamW(AdamW.Config(fused=fused)).client([w], 1e-2)
+        assert bool(opt.defaults["fused"]) == fused
+        w.grad = torch.linspace(-1, 1, 1000)
+        opt.step()
+        steps.append(w.detach().clone())
+    torch.testing.assert_close(steps[0], steps[1])

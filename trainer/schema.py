@@ -138,7 +138,7 @@ class TrainConfig:
     run_dir: str = "runs/${run_name}"
     seed: int = 0
     max_steps: int = 1000
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling) | bf16-autocast (fp32 weights)
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     dry_run: bool = False  # print the plan (parameters, FLOPs, ZeRO memory) and exit

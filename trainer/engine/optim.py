@@ -36,6 +36,9 @@ class AdamWConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # 0: no clipping
+    fused: bool = (
+        False  # torch.optim.AdamW: torch's fused kernel (one pass over all parameters; CPU and CUDA)
+    )
 
 
 @dataclass
@@ -56,7 +59,9 @@ class AdamW:
 
     def client(self, params, lr):
         c = self.config
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay, fused=c.fused or None
+        )
 
 
 class DeepSpeedAdamW(AdamW):

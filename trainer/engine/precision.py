@@ -2,10 +2,14 @@
 
 bf16 (the default of the GPU presets) needs no loss scaling. fp16, for cards without bf16 (V100, T4 and many
 inference cards), uses DeepSpeed's dynamic loss scaling: the loss is multiplied by a scale that halves when the
-scaled gradients overflow (that step is skipped) and doubles after ``loss_scale_window`` clean steps."""
+scaled gradients overflow (that step is skipped) and doubles after ``loss_scale_window`` clean steps.
+bf16-autocast keeps fp32 weights, optimizer and loss and runs the forward under ``torch.autocast(bfloat16)``:
+convolutions and matmuls in bf16 (AMX / avx512_bf16 on CPUs: 1.5-1.9x the fp32 step of the demo's models,
+docs/benchmarks.md issue 19), the rest in fp32; DeepSpeed sees an fp32 model."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,13 @@ class Precision:
     dtype: torch.dtype
     mixed: bool  # the engine holds 16-bit weights and keeps fp32 master weights in the optimizer
     loss_scaling: bool = False  # DeepSpeed's dynamic loss scale (fp16)
+    autocast: torch.dtype | None = None  # the forward runs under torch.autocast(autocast)
+
+    def forward_context(self, device: torch.device):
+        """The context the model's forward runs in (autocast, or nothing)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
     def ds_config(self) -> dict:
         fp16 = {"enabled": False}
@@ -36,6 +47,7 @@ PRECISIONS = {
     "fp32": Precision("fp32", torch.float32, mixed=False),
     "bf16": Precision("bf16", torch.bfloat16, mixed=True),
     "fp16": Precision("fp16", torch.float16, mixed=True, loss_scaling=True),
+    "bf16-autocast": Precision("bf16-autocast", torch.float32, mixed=False, autocast=torch.bfloat16),
 }
 
 

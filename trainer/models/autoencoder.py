@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import check_backend, dot_product_attention
+from .norm import GroupNorm
 
 
 @dataclass
@@ -97,8 +98,8 @@ class VectorQuantizer(nn.Module):
         return zq, loss, info
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def _norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

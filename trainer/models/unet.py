@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttention, check_backend
+from .norm import GroupNorm
 
 
 @dataclass
@@ -77,11 +78,11 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(groups, out_channels),
+            GroupNorm(groups, out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
             zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -145,7 +146,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.linear = linear
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, backend) for _ in range(depth)
@@ -271,7 +272,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
-            nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+            GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         )
 
     def _run(self, block: TimestepEmbedSequential, h, emb, context):

@@ -60,7 +60,7 @@ class AutoencoderTask:
         cfg, device = ctx.cfg, ctx.device
         require_images(ctx.data.batch_keys(), "autoencoder")
         self.cfg, self.device, self.rank, self.world = cfg, device, ctx.rank, ctx.world_size
-        self.dtype = ctx.precision.dtype
+        self.dtype, self.precision = ctx.precision.dtype, ctx.precision
         self.loss = AutoencoderLoss(self.config.loss, models["autoencoder"].config.in_channels)
         if self.loss.lpips is not None:
             self.loss.lpips.to(device)
@@ -98,7 +98,11 @@ class AutoencoderTask:
         x = images_to_model(batch["image"], self.device, self.dtype, self.cfg.channels_last)
         if self.fixed is None:
             self.fixed = x[:8].detach().clone()
-        rec, reg = self.engine(x)
+        with self.precision.forward_context(self.device):
+            rec, reg = self.engine(x)
+        rec = (
+            rec.float() if self.precision.autocast else rec
+        )  # the loss (and the GAN's adaptive weight) in fp32
         d_weight = None
         if self.loss.disc_factor(step) > 0:
             conv = self.engine.module.autoencoder.decoder.conv_out

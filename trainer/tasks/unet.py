@@ -148,7 +148,7 @@ class UNetTask:
 
         cfg, device = ctx.cfg, ctx.device
         self.cfg, self.device, self.rank, self.world = cfg, device, ctx.rank, ctx.world_size
-        self.dtype = ctx.precision.dtype
+        self.dtype, self.precision = ctx.precision.dtype, ctx.precision
         have = ctx.data.batch_keys()
         needs = {
             "task.concat": self.concat.needs() if self.concat is not None else frozenset(),
@@ -254,9 +254,11 @@ class UNetTask:
             z = z.to(self.dtype)
             if self.cfg.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
-            return self.engine(
-                z, t, context=context, labels=labels, conditions=conds if self.train_text else None
-            )
+            with self.precision.forward_context(self.device):
+                out = self.engine(
+                    z, t, context=context, labels=labels, conditions=conds if self.train_text else None
+                )
+            return out.float() if self.precision.autocast else out
 
         loss, _ = self.objective.loss(model_fn, latents, self._generator, concat=concat)
         loss = perturb(loss, step)
