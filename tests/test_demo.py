@@ -56,6 +56,11 @@ def test_demo_writes_report_figures_and_numbers(demo_run):
     report = (demo_run / "report.md").read_text()
     assert "step_00000020" in report and "![samples](samples_grid.png)" in report
     assert len(list((demo_run / "samples/final").glob("*-seed*.png"))) == 12
+    # the labelled grid's per-image verdicts are the scorer's: their means are the final figures
+    images, final = results["eval"]["final_images"], results["eval"]["final"]
+    assert len(images) == 12 and {"colour", "shape", "position", "read", "prompt", "file"} <= set(images[0])
+    for key in ("colour", "shape", "position"):
+        assert np.mean([r[key] for r in images]) == pytest.approx(final[key])
 
 
 def test_export_samples_the_same_image_in_diffusers(demo_run):

@@ -162,7 +162,9 @@ def test_bf16_autocast_on_cpu_keeps_group_norm_and_attention_in_fp32():
     ref = model(x, t, ctx)
     seen = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, args, out: seen.append((args[0].dtype, out.dtype)) if isinstance(m, norm.GroupNorm) else None
+        lambda m, args, out: (
+            seen.append((args[0].dtype, out.dtype)) if isinstance(m, norm.GroupNorm) else None
+        )
     )
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
