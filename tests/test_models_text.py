@@ -77,6 +77,22 @@ def test_trainable_transformer_learns_and_masks_padding():
     assert enc.token_embedding.weight.grad is not None
 
 
+def test_transformer_with_no_layers_keeps_every_word_to_itself():
+    """layers=0: a token's output is its own embedding plus position, so changing one word changes that token
+    only (with layers it changes every token); it still trains."""
+    swap = ["a red circle in the top left", "a red circle in the top right"]
+    for layers, changed in ((0, {7}), (2, set(range(9)))):  # 9 tokens: start, 7 words, end
+        torch.manual_seed(0)
+        enc = TransformerTextEncoder(
+            TransformerTextConfig(width=32, layers=layers, heads=2, context_length=16)
+        )
+        out = enc(swap)
+        moved = set(((out.tokens[0] - out.tokens[1]).abs().sum(-1) > 1e-6).nonzero().flatten().tolist())
+        assert moved & set(range(9)) == changed, (layers, moved)
+    out.pooled.sum().backward()
+    assert enc.token_embedding.weight.grad is not None
+
+
 def test_class_embedder_has_a_null_class():
     enc = ClassEmbedder(ClassEmbedderConfig(num_classes=5, dim=8))
     cond = enc(torch.tensor([0, 4, -1]))

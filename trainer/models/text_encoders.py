@@ -112,7 +112,7 @@ class OpenCLIPConfig:
 class TransformerTextConfig:
     _target_: str = "trainer.models.text_encoders.TransformerTextEncoder"
     width: int = 512
-    layers: int = 8
+    layers: int = 8  # 0: no transformer, each token is its embedding + position (words do not mix)
     heads: int = 8
     context_length: int = 77
     trainable: bool = True
@@ -247,7 +247,10 @@ class TransformerTextEncoder(TextConditions, nn.Module):
             batch_first=True,
             norm_first=True,
         )
-        self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        # layers=0: each token's output is its own embedding (+ position), independent of the other words
+        self.transformer = (
+            nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False) if cfg.layers else None
+        )
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         if not self.trainable:
@@ -263,7 +266,9 @@ class TransformerTextEncoder(TextConditions, nn.Module):
         ids = self.tokenize(captions).to(self.token_embedding.weight.device)
         mask = ids != 0
         x = self.token_embedding(ids) + self.positional_embedding
-        tokens = self.ln_final(self.transformer(x, src_key_padding_mask=~mask))
+        if self.transformer is not None:
+            x = self.transformer(x, src_key_padding_mask=~mask)
+        tokens = self.ln_final(x)
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return Conditioning(tokens, pooled, mask)
 
