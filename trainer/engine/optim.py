@@ -36,9 +36,7 @@ class AdamWConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # 0: no clipping
-    fused: bool = (
-        False  # torch.optim.AdamW: torch's fused kernel (one pass over all parameters; CPU and CUDA)
-    )
+    fused: bool = False  # torch's fused AdamW kernel: one pass over all parameters (CPU and CUDA)
 
 
 @dataclass

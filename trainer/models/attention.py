@@ -13,9 +13,7 @@ from .norm import cpu_bf16
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if cpu_bf16(
-        q
-    ):  # torch's bf16 CPU flash-attention backward is ~14x slower than fp32's (docs/benchmarks.md)
+    if cpu_bf16(q):  # torch's bf16 CPU flash-attention backward is ~14x slower than fp32's (issue 19)
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)

@@ -100,9 +100,8 @@ class AutoencoderTask:
             self.fixed = x[:8].detach().clone()
         with self.precision.forward_context(self.device):
             rec, reg = self.engine(x)
-        rec = (
-            rec.float() if self.precision.autocast else rec
-        )  # the loss (and the GAN's adaptive weight) in fp32
+        if self.precision.autocast:  # the loss (and the GAN's adaptive weight) in fp32
+            rec = rec.float()
         d_weight = None
         if self.loss.disc_factor(step) > 0:
             conv = self.engine.module.autoencoder.decoder.conv_out
