@@ -29,18 +29,25 @@ class Optimizer(Protocol):
 
 
 @dataclass
-class AdamWConfig:
-    _target_: str = "trainer.engine.optim.AdamW"
+class AdamWParams:
+    """What both AdamW flavours take."""
+
+    _target_: str = ""
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # 0: no clipping
+
+
+@dataclass
+class AdamWConfig(AdamWParams):
+    _target_: str = "trainer.engine.optim.AdamW"
     fused: bool = False  # torch's fused AdamW kernel: one pass over all parameters (CPU and CUDA)
 
 
 @dataclass
-class DeepSpeedAdamWConfig(AdamWConfig):
+class DeepSpeedAdamWConfig(AdamWParams):
     _target_: str = "trainer.engine.optim.DeepSpeedAdamW"
 
 
@@ -49,7 +56,7 @@ class AdamW:
 
     Config = AdamWConfig
 
-    def __init__(self, config: AdamWConfig | None = None):
+    def __init__(self, config: AdamWParams | None = None):
         self.config = config or AdamWConfig()
 
     def ds_config(self, lr: float) -> dict[str, Any]:
