@@ -47,7 +47,18 @@ def main(venv: str, target: str) -> int:
     quiet = ["-q"]
     if subprocess.run([str(pip), "install", *quiet, "uv"], check=False).returncode == 0:
         uv = [str(python), "-m", "uv", "pip", "install", *quiet, "--python", str(python)]
-        cmd = [*uv, *pip_settings(pip), "--index-strategy", "unsafe-best-match", "-e", target]
+        # --compile-bytecode: pip writes .pyc files at install time, uv does not; where PYTHONDONTWRITEBYTECODE is
+        # set (this machine, many CI images) every process would then compile torch's sources again: the
+        # suite ran in 51 min instead of 27 without it (imports of torch + open_clip 22 s instead of 10)
+        cmd = [
+            *uv,
+            *pip_settings(pip),
+            "--index-strategy",
+            "unsafe-best-match",
+            "--compile-bytecode",
+            "-e",
+            target,
+        ]
         if subprocess.run(cmd, check=False).returncode == 0:
             return 0
         print("install_venv: uv failed; installing with pip instead", file=sys.stderr)
