@@ -26,15 +26,11 @@ def pip_settings(pip: Path) -> list[str]:
     """uv options equal to pip's effective index settings (config files and ``PIP_*`` variables)."""
     out = subprocess.run([str(pip), "config", "list"], capture_output=True, text=True, check=False).stdout
     values: dict[str, list[str]] = {}
-    for (
-        line
-    ) in out.splitlines():  # e.g. global.extra-index-url='file:///a file:///b' or :env:.find-links='/x'
+    for line in out.splitlines():  # global.extra-index-url='file:///a file:///b', :env:.find-links='/x', ...
         key, _, value = line.partition("=")
         name = key.rsplit(".", 1)[-1]
-        if name in OPTIONS:
-            values[name] = (
-                shlex.split(value)[0].split() if value else []
-            )  # later scopes override earlier ones
+        if name in OPTIONS:  # later scopes override earlier ones
+            values[name] = shlex.split(value)[0].split() if value else []
     args = []
     for name, items in values.items():
         for item in items[:1] if name == "index-url" else items:
@@ -50,15 +46,8 @@ def main(venv: str, target: str) -> int:
         # --compile-bytecode: pip writes .pyc files at install time, uv does not; where PYTHONDONTWRITEBYTECODE is
         # set (this machine, many CI images) every process would then compile torch's sources again: the
         # suite ran in 51 min instead of 27 without it (imports of torch + open_clip 22 s instead of 10)
-        cmd = [
-            *uv,
-            *pip_settings(pip),
-            "--index-strategy",
-            "unsafe-best-match",
-            "--compile-bytecode",
-            "-e",
-            target,
-        ]
+        options = ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
+        cmd = [*uv, *pip_settings(pip), *options, "-e", target]
         if subprocess.run(cmd, check=False).returncode == 0:
             return 0
         print("install_venv: uv failed; installing with pip instead", file=sys.stderr)

@@ -184,12 +184,11 @@ def reconstruction_adherence(export: Path, heldout_shards: Path) -> dict:
     can reach through this autoencoder (the scorer reads the originals 100% right)."""
     from ..evaluate.adherence import score
     from ..evaluate.cli import load_autoencoder, to_tensor
+    from ..evaluate.recon import reconstruct
     from ..inference.images import to_uint8
 
     images, prompts = heldout_images(heldout_shards)
-    model = load_autoencoder(export)
-    with torch.no_grad():
-        rec = (model.decode(model.encode(to_tensor(images) * 2 - 1).mode()) + 1) / 2
+    rec = reconstruct(load_autoencoder(export), to_tensor(images))
     result = score(list(to_uint8(rec)), prompts)
     result.pop("per_prompt")
     return result
