@@ -26,7 +26,9 @@ lint: install
 
 # Two pytest workers, one torch thread each, a test file per worker at a time (a module's fixtures, such as the
 # demo run or the one local Slurm cluster, are built once); tests/conftest.py hands out the longest files first.
-XDIST := -n 2 --dist loadfile
+# --no-loadscope-reorder: xdist otherwise re-sorts files by their number of tests, which put the few-test,
+# minutes-long files (elastic resume, the demo) last and left one worker running them alone at the end.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: lint  # everything CI runs: DeepSpeed ranks, a real local Slurm cluster (installed as root when missing)
 	$(BIN)/python -m pytest $(XDIST) --durations=30

@@ -182,8 +182,10 @@ def pytest_configure(config):
 
 # The longest files first (measured: make test's --durations): under ``--dist loadfile`` the two workers then
 # finish together instead of one running a long file alone at the end.
-LONGEST_FIRST = ("test_slurm.py", "test_demo.py", "test_elastic_resume.py", "test_train_engine.py",
-                 "test_safety_runs.py", "test_modes.py", "test_evaluate_fidelity.py", "test_safety_precompute.py")  # fmt: skip
+LONGEST_FIRST = ("test_slurm.py", "test_safety_runs.py", "test_elastic_resume.py", "test_demo.py",
+                 "test_safety_precompute.py", "test_precompute.py", "test_train_engine.py", "test_modes.py",
+                 "test_evaluate_fidelity.py", "test_train_config.py", "test_remote_shards.py", "test_host_syncs.py",
+                 "test_package.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
