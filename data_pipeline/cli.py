@@ -2,6 +2,7 @@
 
 ldm-data synth --out DIR --num N --shard-size K --size 64 --seed S [--split train|heldout|all] [--labels]
 ldm-data from-folder SRC --out DIR [--captions list.csv|.parquet] [--shard-size K] [--workers W]
+ldm-data shuffle URLS... --out DIR [--shard-size K] [--seed S]   # merge sources, shuffle across shards
 ldm-data validate URLS... [--json]
 ldm-data stream URLS... [--resolution R --batch-size B --workers W --batches N]
 
@@ -55,6 +56,17 @@ def _from_folder(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary['samples']} samples in {summary['shards']} shards to {args.out}; "
         f"skipped {summary['skipped'] or 'none'}"
+    )
+    return 0
+
+
+def _shuffle(args: argparse.Namespace) -> int:
+    from .reshuffle import shuffle_shards
+
+    summary = shuffle_shards(args.urls, args.out, args.shard_size, args.seed, args.prefix)
+    print(
+        f"wrote {summary['samples']} samples of {len(args.urls)} sources, shuffled, in {summary['shards']} "
+        f"shards to {args.out}; skipped {summary['skipped'] or 'none'}"
     )
     return 0
 
@@ -145,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-pixels", type=LIMIT, default=DEFAULT_MAX_PIXELS)
     f.set_defaults(fn=_from_folder)
 
+    h = sub.add_parser(
+        "shuffle",
+        help="merge shard sets into new shards, samples shuffled across all of them (the loader "
+        "shuffles within a shard: sources must be mixed before training)",
+    )
+    h.add_argument("urls", nargs="+", help="each a shard folder, pattern or list: one source")
+    h.add_argument("--out", required=True)
+    h.add_argument("--shard-size", type=POSITIVE, default=1000)
+    h.add_argument("--seed", type=COUNT, default=0)
+    h.add_argument("--prefix", default="shard")
+    h.set_defaults(fn=_shuffle)
+
     v = sub.add_parser("validate", help="read every sample and count invalid ones by reason")
     v.add_argument("urls", nargs="+", help="shard paths, brace patterns, globs or folders")
     v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -166,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epoch-samples", type=COUNT, default=0)
     t.add_argument("--allow-pipe", action="store_true")
     t.set_defaults(fn=_stream)
-    for sp in (s, f, v, t):
+    for sp in (s, f, h, v, t):
         sp.set_defaults(parser=sp)
     return p
 
