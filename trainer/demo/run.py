@@ -99,6 +99,9 @@ class Demo:
         write_photo_crops(d / "photo_folder", b.photo_crops)
         self.sh(self.tool("ldm-data"), "from-folder", d / "photo_folder", "--out", d / "photos",
                 "--shard-size", "500", "--workers", str(b.workers))  # fmt: skip
+        # the loader shuffles within a shard: the autoencoder's two sources are mixed across shards first
+        self.sh(self.tool("ldm-data"), "shuffle", d / "train", d / "photos", "--out", d / "mixed",
+                "--shard-size", "500")  # fmt: skip
         held = write_held_out(d / "heldout_photos")
         prompts = [caption_for(*c) for c in combinations("heldout")]
         (d / "heldout_prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -108,7 +111,7 @@ class Demo:
     def autoencoder(self) -> dict:
         d, run = self.out / "data", self.out / "autoencoder"
         self.train("experiment=demo_autoencoder", f"run_dir={run}", f"max_steps={self.budget.ae_steps}",
-                   f"data.urls=[{d / 'train'},{d / 'photos'}]", *self.budget.extra_ae)  # fmt: skip
+                   f"data.urls={d / 'mixed'}", *self.budget.extra_ae)  # fmt: skip
         self.sh(self.tool("ldm-export"), run / "checkpoints", "--out", run / "export")
         photos = sorted(str(p) for p in (d / "heldout_photos").glob("*.png"))
         at256 = self.sh(
