@@ -4,7 +4,7 @@
 
 A step is what the demo's stages do: forward, loss, backward, gradient clipping, AdamW; the autoencoder is
 ``autoencoder/demo_f8`` on 32 images of 64 px with the demo's loss, the UNet ``unet/demo`` with the jointly
-trained ``text_encoder/demo_transformer`` on 64 latents of 8x8x4. Variants, interleaved round after round:
+trained ``text_encoder/demo_transformer`` on 64 latents of 8x8x8. Variants, interleaved round after round:
 
 - fp32 (channels-last, torch.optim.AdamW's for-each loop): the old demo;
 - bf16 autocast as ``precision=bf16-autocast`` runs it (GroupNorm and attention in fp32 for bf16 CPU tensors);
