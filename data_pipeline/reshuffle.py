@@ -10,8 +10,8 @@ entirely photographs). This is the offline fix that LAION-style pipelines use: a
 2. Each bucket is read back into memory (about ``shard_size`` samples), permuted and written as a final shard.
 
 Memory stays at one shard's samples (pass 1 keeps one open file per output shard); the result is a function
-of the inputs and ``seed``. Keys are prefixed with
-the source's index (``s0-000000012``): sources made separately number their samples alike. Samples a source
+of the inputs and ``seed``. Keys are prefixed with the source's index (``s0-000000012``): sources made
+separately number their samples alike. Samples a source
 cannot deliver (a truncated or unreadable shard) are skipped and counted in the summary, as the loader counts
 them. Nothing under ``out`` is replaced until every shard is written; a failed run leaves no shard behind.
 """
@@ -56,7 +56,7 @@ def _samples(sources: Sequence[str], skipped: Counter):
 
 
 def _record(i: int, sample: RawSample) -> dict:
-    return {"__key__": f"s{i}-{sample.key.rsplit('/', 1)[-1]}", **sample.files}
+    return {"__key__": f"s{i}-{sample.key}", **sample.files}  # the whole key: a folder part keeps it unique
 
 
 def shuffle_shards(
