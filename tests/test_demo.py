@@ -44,7 +44,7 @@ def test_demo_writes_report_figures_and_numbers(demo_run):
     results = json.loads((demo_run / "results.json").read_text())
     assert set(results["times"]) == {"data", "autoencoder", "precompute", "unet", "sample+eval"}
     curve = results["eval"]["curve"]
-    assert [c["checkpoint"] for c in curve] == ["step_00000010", "step_00000020"]
+    assert [c["checkpoint"] for c in curve] == ["step_00000005", "step_00000010"]
     assert all(c["n"] == 12 and 0 <= c["colour"] <= 1 for c in curve)
     assert curve[-1]["colour"] == results["eval"]["final"]["colour"]
     assert np.isfinite(results["autoencoder"]["photos_256"]["mean"]["psnr"])
@@ -54,7 +54,7 @@ def test_demo_writes_report_figures_and_numbers(demo_run):
         with Image.open(demo_run / name) as img:
             assert img.size[0] > 100
     report = (demo_run / "report.md").read_text()
-    assert "step_00000020" in report and "![samples](samples_grid.png)" in report
+    assert "step_00000010" in report and "![samples](samples_grid.png)" in report
     assert len(list((demo_run / "samples/final").glob("*-seed*.png"))) == 12
     # the labelled grid's per-image verdicts are the scorer's: their means are the final figures
     images, final = results["eval"]["final_images"], results["eval"]["final"]

@@ -51,10 +51,12 @@ def elastic(
     precision: str,
     saved_at: int = 2,
     dump: bool = False,
+    reference: bool = True,
 ) -> dict:
     """``before`` ranks to step ``saved_at``, then ``after`` ranks through the rest of epoch 0 and beyond.
     ``dump``: first resume on ``after`` ranks at the saved step itself (nothing trained, nothing saved) and dump
-    the live fp32 weights to ``final_weights.safetensors``, so they can be compared with the checkpoint's."""
+    the live fp32 weights to ``final_weights.safetensors``, so they can be compared with the checkpoint's.
+    ``reference``: also train an uninterrupted run on ``after`` ranks, for the loss level."""
     common = [f"deepspeed.zero_stage={stage}", f"precision={precision}", "faults.log_keys=true",
               "checkpoint.every=1000", "eval.every=0"]  # fmt: skip
     left = EPOCH - saved_at * before * BATCH
@@ -67,8 +69,9 @@ def elastic(
         saved = trained_weights(run_dir / "checkpoints" / f"step_{saved_at:08d}", ema=False)
         run(run_dir, shards, [*common, f"max_steps={saved_at}", "faults.dump_weights=true"], nproc=after)
     resumed = run(run_dir, shards, [*common, f"max_steps={total}"], nproc=after)
-    ref_dir = tmp_path / "uninterrupted"
-    run(ref_dir, shards, [*common, f"max_steps={total}"], nproc=after)
+    ref_dir = tmp_path / "uninterrupted" if reference else None
+    if ref_dir:
+        run(ref_dir, shards, [*common, f"max_steps={total}"], nproc=after)
     return {"dir": run_dir, "ref": ref_dir, "total": total, "saved_at": saved_at, "log": resumed.stderr,
             "ranks": max(before, after), "saved_weights": saved}  # fmt: skip
 
@@ -103,6 +106,8 @@ def check(r: dict) -> None:
     final = r["dir"] / "checkpoints" / f"step_{r['total']:08d}"
     assert adam_step(final) == r["total"]
     assert int(json.loads((final / "trainer_state.json").read_text())["ema_updates"]) == r["total"]
+    if r["ref"] is None:
+        return
     # the loss is at the level of an uninterrupted run at the new size (within 15%: tiny models on tiny
     # batches are noisy; continuity itself is checked exactly, above and in the weights test)
     got, ref = losses(rows), losses(metrics(r["ref"]))
@@ -122,7 +127,9 @@ def test_elastic_zero2_bf16_two_ranks_resume_on_one_with_exact_weights(tmp_path,
 
 
 def test_elastic_zero3_two_ranks_resume_on_four(tmp_path, small_epoch):
-    check(elastic(tmp_path, small_epoch, stage=3, before=2, after=4, precision="fp32"))
+    # no uninterrupted 4-rank reference (a third of this test's time): the loss-level check against one is
+    # made by the two ZeRO-2 tests; here every sample once, Adam's and the EMA's step counts carry the proof
+    check(elastic(tmp_path, small_epoch, stage=3, before=2, after=4, precision="fp32", reference=False))
 
 
 def test_elastic_zero2_one_rank_resumes_on_two(tmp_path, small_epoch):

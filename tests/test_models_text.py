@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -16,6 +21,7 @@ from trainer.models.text_encoders import (
     TransformerTextEncoder,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle in the top left", "", "a blue cross in the bottom right"]
 
 
@@ -98,3 +104,24 @@ def test_class_embedder_has_a_null_class():
     cond = enc(torch.tensor([0, 4, -1]))
     assert cond.tokens.shape == (3, 1, 8)
     assert torch.equal(cond.pooled[2], enc.embedding.weight[5])
+
+
+def test_the_tokenizer_loaded_on_its_own_is_open_clips(tmp_path):
+    """Our text encoders load open_clip's tokenizer module without importing open_clip (seconds per process):
+    the ids are open_clip's own, and open_clip itself stayed unimported."""
+    texts = [*CAPTIONS, "Ünïcödé &amp; <b>html</b>  spaces", "word " * 100]
+    script = f"""
+import sys, json
+sys.path.insert(0, {str(ROOT)!r})
+from trainer.models.text_encoders import _tokenizer
+ids = _tokenizer(77)({texts!r})
+print(json.dumps({{"ids": ids.tolist(), "open_clip": "open_clip" in sys.modules}}))
+"""
+    out = json.loads(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    )
+    assert out["open_clip"] is False
+    from open_clip.tokenizer import SimpleTokenizer
+
+    ref = SimpleTokenizer(context_length=77)(texts)
+    assert out["ids"] == ref.tolist()

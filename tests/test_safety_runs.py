@@ -34,24 +34,29 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("stage,victim", [(2, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                                          (0, "mp_rank_00_model_states.pt")])  # fmt: skip
-def test_a_pickle_planted_in_a_checkpoint_runs_nothing(tmp_path, synth_shards, stage, victim):
+def test_a_pickle_planted_in_a_checkpoint_runs_nothing(tmp_path, synth_shards):
+    """A ZeRO-2 checkpoint holds both kinds of file a loader reads: the model states and a rank's optimizer
+    partition. One run is trained; the pickle is planted in each victim file in turn (the other one intact)."""
     run_dir = tmp_path / "run"
-    run(
-        run_dir, synth_shards, [f"deepspeed.zero_stage={stage}", "max_steps=2", "checkpoint.every=2"], nproc=1
-    )
+    run(run_dir, synth_shards, ["deepspeed.zero_stage=2", "max_steps=2", "checkpoint.every=2"], nproc=1)
     folder = run_dir / "checkpoints" / "step_00000002"
     pwned = tmp_path / "PWNED"
-    torch.save(Payload(pwned), folder / "model" / victim)
-    for args in (["trainer.cli.export", str(folder), "--out", str(tmp_path / "e"), "--raw"],
-                 ["trainer.cli.sample", str(folder), "--raw", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")]):  # fmt: skip
-        out = cli(*args, cwd=tmp_path)
-        assert out.returncode != 0 and "refused" in out.stderr, out.stderr[-2000:]
+    for victim in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"):
+        path = folder / "model" / victim
+        intact = path.read_bytes()
+        torch.save(Payload(pwned), path)
+        for args in (["trainer.cli.export", str(folder), "--out", str(tmp_path / "e"), "--raw"],
+                     ["trainer.cli.sample", str(folder), "--raw", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")]):  # fmt: skip
+            out = cli(*args, cwd=tmp_path)
+            assert out.returncode != 0 and "refused" in out.stderr, (victim, out.stderr[-2000:])
+            assert not pwned.exists()
+        out = run(run_dir, synth_shards, ["deepspeed.zero_stage=2", "max_steps=3"], nproc=1, check=False)
+        assert out.returncode == 2 and "refused (loading it could run code)" in out.stderr, (
+            victim,
+            out.stderr[-2000:],
+        )
         assert not pwned.exists()
-    out = run(run_dir, synth_shards, [f"deepspeed.zero_stage={stage}", "max_steps=3"], nproc=1, check=False)
-    assert out.returncode == 2 and "refused (loading it could run code)" in out.stderr, out.stderr[-2000:]
-    assert not pwned.exists()
+        path.write_bytes(intact)
 
 
 def start(run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -> subprocess.Popen:

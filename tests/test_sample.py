@@ -97,3 +97,17 @@ def test_ldm_sample_cli_writes_pngs_grid_and_index(export_dir, tmp_path):
     a = np.asarray(Image.open(out / "0003-seed3.png"), dtype=int)
     b = np.asarray(Image.open(again / "0003-seed3.png"), dtype=int)
     assert np.abs(a - b).max() <= 1  # same seed, other batch: same image
+
+
+@pytest.mark.parametrize("n,nrow", [(12, None), (5, 3), (7, 10), (1, None)])
+def test_grid_image_is_torchvision_make_grid(n, nrow):
+    """Our grid (written out to keep torchvision's import out of ldm-sample) is make_grid's, pixel for pixel."""
+    import math
+
+    from torchvision.utils import make_grid
+
+    from trainer.inference.images import grid_image, to_uint8
+
+    x = torch.rand(n, 3, 9, 11, generator=torch.Generator().manual_seed(n))
+    ref = make_grid(x, nrow=nrow or math.ceil(math.sqrt(n)), padding=2, pad_value=1.0)
+    assert np.array_equal(np.asarray(grid_image(x, nrow)), to_uint8(ref[None])[0])

@@ -4,13 +4,24 @@ a kill during a checkpoint save, the non-finite guard, EMA under ZeRO-3."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainrun import events, keys_by_step, losses, metrics, run, run_until_paused_then_kill
+from trainrun import (
+    ROOT,
+    command,
+    env,
+    events,
+    keys_by_step,
+    losses,
+    metrics,
+    run,
+    run_until_paused_then_kill,
+)
 
 from trainer.inference.export import checkpoint_folder, export, trained_weights
 
@@ -153,3 +164,14 @@ def test_ema_under_zero3_follows_the_gathered_weights(tmp_path, synth_shards):
             assert torch.allclose(ema_next[k], d * ema_s[k] + (1 - d) * raw_next[k], atol=1e-6), k
     state = json.loads((ckpts / "step_00000004" / "trainer_state.json").read_text())
     assert state["ema_updates"] == 4
+
+
+def test_a_one_process_cpu_run_builds_no_deepspeed_op(tmp_path, synth_shards):
+    """DeepSpeed's shared-memory all-reduce op is for peers on one host: a one-process run (every stage of the
+    demo) must not spend its first minute on a fresh machine compiling it."""
+    ext = tmp_path / "torch_extensions"
+    out = subprocess.run(command(tmp_path / "run", synth_shards, ["max_steps=1"], nproc=1), cwd=ROOT,
+                         env={**env(), "TORCH_EXTENSIONS_DIR": str(ext)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+    assert not list(ext.rglob("*.so")), sorted(map(str, ext.rglob("*")))

@@ -41,9 +41,13 @@ def photo(name: str) -> Image.Image:
     return Image.fromarray(img[..., :3])
 
 
-def write_photo_crops(folder: Path, num: int, size: int = 64, seed: int = 0) -> Path:
+def write_photo_crops(
+    folder: Path, num: int, size: int = 64, seed: int = 0, permute_colours: float = 0.5
+) -> Path:
     """``num`` random square crops of the training photos (and of scikit-image's stereo motorcycle pair), each
-    resized to ``size``, as an image folder with ``name.txt`` captions (for ``ldm-data from-folder``)."""
+    resized to ``size``, as an image folder with ``name.txt`` captions (for ``ldm-data from-folder``).
+    A ``permute_colours`` share of them get their RGB channels shuffled: only seven of the sources are in colour,
+    and the held-out photographs' colours (skin, a cat's fur, coffee) are in none of them."""
     import skimage.data
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,6 +63,8 @@ def write_photo_crops(folder: Path, num: int, size: int = 64, seed: int = 0) -> 
         crop = src.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        if rng.random() < permute_colours:
+            crop = Image.fromarray(np.ascontiguousarray(np.asarray(crop)[..., rng.permutation(3)]))
         crop.save(folder / f"crop{i:05d}.png")
         (folder / f"crop{i:05d}.txt").write_text("a photograph")
     return folder

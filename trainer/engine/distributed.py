@@ -111,11 +111,22 @@ def init(env: DistEnv, device: torch.device) -> None:
     )
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if env.world_size == 1:
+            _skip_shm_comm_op(deepspeed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     global _control
     _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+
+def _skip_shm_comm_op(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-builds its shared-memory all-reduce op on first use (~50 s of g++ on a fresh
+    machine: the whole first minute of a one-process demo) although one process has no peer to share memory
+    with. Marked incompatible, the backend runs without it (gloo, as it does wherever the op cannot build)."""
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 _control = None  # a gloo group for control flags on GPU runs (the default group when it is gloo already)

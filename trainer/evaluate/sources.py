@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
@@ -36,6 +34,11 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
 
 
 def _transform(size: int):
+    # torchvision is imported here, not at the top: importing it costs seconds per process (it pulls in
+    # torch._dynamo), and ldm-eval recon / adherence never need it
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+
     to_tensor = TF.pil_to_tensor
     if not size:
         return to_tensor

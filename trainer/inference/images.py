@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from data_pipeline.atomic import atomic_save
 
@@ -20,10 +19,20 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     )
 
 
-def grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
-    return Image.fromarray(to_uint8(grid[None])[0])
+def grid_image(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """(B, 3, H, W) in [0, 1] as one PNG-ready grid, ``nrow`` images a row, white ``padding`` around each
+    (torchvision's make_grid layout; written out because importing torchvision costs every ldm-sample seconds)."""
+    n, _, h, w = images.shape
+    if n == 1:
+        return Image.fromarray(to_uint8(images)[0])
+    cols = min(nrow or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / cols)
+    tiles = to_uint8(images)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[top : top + h, left : left + w] = tile
+    return Image.fromarray(grid)
 
 
 def save_images(images: torch.Tensor, folder: str | Path, names: list[str]) -> list[Path]:

@@ -17,6 +17,8 @@ take (0: it gives none).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -129,10 +131,27 @@ class ClassEmbedderConfig:
     )
 
 
-def _tokenizer(context_length: int):
-    from open_clip.tokenizer import SimpleTokenizer
+def _tokenizer_module():
+    """open_clip's tokenizer module (CLIP's BPE, its vocabulary shipped with open_clip), loaded on its own when
+    open_clip is not imported yet: ``import open_clip`` first builds every model family (about 2.5 s per process
+    on a CPU core, paid by every rank, ldm-sample and ldm-export), and the tokenizer needs none of it."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"]
+    name = "_ldm_open_clip_tokenizer"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("open_clip")  # finds the package without running its __init__
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("the CLIP tokenizer needs open_clip_torch (pip install open_clip_torch)")
+        path = Path(package.submodule_search_locations[0]) / "tokenizer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
-    return SimpleTokenizer(context_length=context_length)  # the BPE vocabulary ships with open_clip
+
+def _tokenizer(context_length: int):
+    return _tokenizer_module().SimpleTokenizer(context_length=context_length)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
