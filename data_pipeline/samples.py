@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import SampleError
 from .tario import RawSample
@@ -132,6 +131,10 @@ def decode_rgb(
     size = jpeg_size(data)
     if size is not None and not (target and min(size) >= 2 * target):
         check_size(sample, *size, limits)
+        # imported here (once per process, then a dict lookup): importing torchvision costs a command that never
+        # meets a JPEG (ldm-data synth / shuffle / validate, ldm-eval adherence) seconds (bench/startup.py)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
             pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as exc:
