@@ -33,3 +33,15 @@ def test_host_syncs_per_step_from_our_code_and_the_ema(tmp_path):
     }
     for key in ((2, "bf16"), (3, "fp32")):  # the old EMA gathered every fp32 weight, every step
         assert rows[key]["ema_update_bytes_old"] >= 0.99 * rows[key]["model_fp32_bytes"]
+
+
+def test_one_rank_zero0_moves_no_gradient_bytes(tmp_path):
+    """On one rank (the demo's stages, a single-GPU job) DeepSpeed's gradient all-reduce has no peer: it is off,
+    so a step's only collective is the stop flag and no gradient byte is flattened and copied back."""
+    out = tmp_path / "syncs.json"
+    cmd = [PY, "bench/host_syncs.py", "--steps", "2", "--nproc", "1", "--configs", "0:fp32", "--json", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    [row] = json.loads(out.read_text())
+    # the stop flag, one int32 (before: 2 collectives and the 4.1 MB of gradients)
+    assert row["world"] == 1 and row["collectives_per_step"] == 1.0 and row["bytes_per_step"] == 4

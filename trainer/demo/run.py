@@ -35,7 +35,7 @@ class DemoBudget:
     synth_images: int = 12000
     photo_crops: int = 6000
     ae_steps: int = 1100
-    unet_steps: int = 900
+    unet_steps: int = 1200
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
     images_per_prompt: int = 4
     sample_steps: int = 50
