@@ -166,6 +166,22 @@ def test_each_loss_path_updates_only_its_parameters(kind):
     assert not changed(after["ae"], final["ae"]) and torch.equal(after["logvar"], final["logvar"])
 
 
+def test_edge_term_against_float64():
+    """loss.edge_weight adds |finite differences of the error| per pixel to the likelihood's pixel term: zero
+    for a perfect or uniformly shifted reconstruction, and the float64 sum of the differences otherwise."""
+    cfg = AutoencoderLossConfig(pixel_loss="l2", perceptual_weight=0.0, edge_weight=0.5, learn_logvar=False)
+    loss = AutoencoderLoss(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, rec = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    nll, logs = loss.reconstruction(x, x + 0.25)  # a uniform shift: edges intact
+    assert logs["edge_loss"] < 1e-6 and torch.allclose(nll, torch.tensor(0.25**2 * 192), rtol=1e-5)
+    nll, logs = loss.reconstruction(x, rec)
+    e = (x - rec).double()
+    edges = (e[:, :, 1:] - e[:, :, :-1]).abs().sum() + (e[..., 1:] - e[..., :-1]).abs().sum()
+    assert torch.allclose(nll.double(), (e.square().sum() + 0.5 * edges) / 2, rtol=1e-6)
+    assert torch.allclose(logs["edge_loss"].double(), edges / x.numel(), rtol=1e-6)
+
+
 def test_adaptive_weight_and_discriminator_start():
     torch.manual_seed(1)
     model = AutoencoderKL(TINY)

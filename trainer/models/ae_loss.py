@@ -28,6 +28,9 @@ class AutoencoderLossConfig:
     lpips_net: str = "vgg"  # vgg | alex | squeeze
     lpips_backbone_path: str = ""  # torchvision backbone weights; "" -> $TORCH_HOME/hub/checkpoints/<file>
     lpips_random_backbone: bool = False  # a random backbone: a stand-in for tests, never for training
+    edge_weight: float = (
+        0.0  # L1 of the error's image gradients, per pixel: sharp edges where LPIPS is absent
+    )
     learn_logvar: bool = True
     kl_weight: float = 1e-6
     codebook_weight: float = 1.0
@@ -115,6 +118,17 @@ def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 
 PIXEL_LOSSES = {"l1": torch.abs, "l2": torch.square}  # loss.pixel_loss, on (x - reconstruction)
+
+
+def edge_error(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """Per pixel, |vertical| + |horizontal| finite difference of the error ``x - rec`` (zero on the last row and
+    column): what an L2 loss barely sees when a reconstruction rounds a corner or softens an edge."""
+    e = x - rec
+    dh = F.pad((e[:, :, 1:] - e[:, :, :-1]).abs(), (0, 0, 0, 1))
+    dw = F.pad((e[..., 1:] - e[..., :-1]).abs(), (0, 1))
+    return dh + dw
+
+
 DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}  # loss.disc_loss
 
 
@@ -144,6 +158,10 @@ class AutoencoderLoss(nn.Module):
         pix = PIXEL_LOSSES[self.cfg.pixel_loss](x - rec)
         per_pixel = pix
         logs = {"rec_loss": pix.mean().detach()}
+        if self.cfg.edge_weight > 0:
+            edges = edge_error(x, rec)
+            per_pixel = per_pixel + self.cfg.edge_weight * edges
+            logs["edge_loss"] = edges.mean().detach()
         if self.lpips is not None:
             p = self.lpips(x.float(), rec.float()).to(pix.dtype)
             per_pixel = per_pixel + self.cfg.perceptual_weight * p
