@@ -14,9 +14,10 @@ import torch.multiprocessing as mp
 from trainrun import free_port, losses, metrics, run
 
 from trainer.config import compose
+from trainer.engine import precision as precision_module
 from trainer.engine.deepspeed_setup import ds_config
 from trainer.engine.optim import AdamW
-from trainer.engine.precision import precision
+from trainer.engine.precision import cpu_has_fp16, precision
 from trainer.schema import DeepSpeedConfig
 
 
@@ -33,6 +34,36 @@ def test_fp16_config_renders_deepspeed_dynamic_loss_scale():
         assert compose("train", [f"experiment={name}"]).precision == "bf16"
 
 
+CPU_FP16 = cpu_has_fp16()
+# DeepSpeed trains fp16 on a CPU only where oneDNN computes it (Intel Sapphire Rapids and later; not AMD Zen 4):
+# elsewhere the fp16 training tests cannot run, and the refusal test below runs the whole command instead.
+needs_cpu_fp16 = pytest.mark.skipif(
+    not CPU_FP16, reason="this CPU has no fp16 in oneDNN: DeepSpeed refuses fp16"
+)
+
+
+def test_fp16_on_a_cpu_without_it_is_refused_at_start_naming_the_key(tmp_path, synth_shards, monkeypatch):
+    """On a CPU without fp16 DeepSpeed fails deep in its engine set-up ("Type fp16 is not supported on your
+    device"); ldm-train refuses first, naming the key and what to use instead, and writes no checkpoint."""
+    cpu = torch.device("cpu")
+    precision("bf16-autocast").check_device(cpu)
+    precision("fp16").check_device(torch.device("cuda"))  # GPUs are DeepSpeed's to judge
+    if CPU_FP16:  # this CPU trains fp16: the check lets it through; then the same check on a CPU without it
+        precision("fp16").check_device(cpu)
+        monkeypatch.setattr(precision_module, "cpu_has_fp16", lambda: False)
+    with pytest.raises(
+        ValueError, match=r"precision=fp16: this CPU has no fp16 .* use precision=bf16-autocast"
+    ):
+        precision("fp16").check_device(cpu)
+    if not CPU_FP16:  # and the whole command, on this CPU
+        out = run(tmp_path, synth_shards, ["precision=fp16", "max_steps=1"], nproc=1, check=False)
+        assert out.returncode != 0 and "precision=fp16: this CPU has no fp16" in out.stderr, out.stderr[
+            -3000:
+        ]
+        assert "Type fp16 is not supported" not in out.stderr
+        assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def fp16_runs(tmp_path_factory, synth_shards) -> Path:
     """fp16 at ZeRO 2 and 0, one after the other in one process (ldm-train -m)."""
@@ -44,6 +75,7 @@ def fp16_runs(tmp_path_factory, synth_shards) -> Path:
 
 
 @pytest.mark.slow
+@needs_cpu_fp16
 @pytest.mark.parametrize("zero_stage", [2, 0])
 def test_fp16_trains_with_dynamic_loss_scaling(fp16_runs, zero_stage):
     """Starting at a loss scale of 2^24 the scaled gradients overflow fp16 until DeepSpeed has halved it enough
@@ -101,7 +133,7 @@ def _stage0_masters(rank: int, port: int, name: str, folder: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", [pytest.param("fp16", marks=needs_cpu_fp16), "bf16"])
 def test_zero0_16bit_keeps_fp32_masters_and_the_ema_follows_them(tmp_path, name):
     """At ZeRO-0 DeepSpeed wraps the optimizer in its fp16 optimizer (for bf16 too): fp32 master weights beside
     the 16-bit module. The sharded EMA and the gathered weights read those masters, not their 16-bit roundings."""

@@ -152,6 +152,10 @@ class Run:
         cfg = self.cfg = parts.cfg
         self.env = env = D.detect()
         self.device = D.pick_device(cfg.device, env)
+        try:
+            parts.precision.check_device(self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         D.init(env, self.device)
         self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.checkpoint.dir)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()

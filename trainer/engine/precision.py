@@ -42,6 +42,23 @@ class Precision:
             }
         return {"bf16": {"enabled": self.dtype == torch.bfloat16, "check_grad_overflow": True}, "fp16": fp16}
 
+    def check_device(self, device: torch.device) -> None:
+        """Refuse, before any engine is built, a precision ``device`` cannot train in."""
+        if device.type == "cpu" and self.dtype == torch.float16 and not cpu_has_fp16():
+            raise ValueError(
+                f"precision={self.name}: this CPU has no fp16 support in oneDNN, and DeepSpeed refuses fp16 "
+                "without it; use precision=bf16-autocast (or bf16, fp32) on this machine"
+            )
+
+
+def cpu_has_fp16() -> bool:
+    """Whether oneDNN computes fp16 on this CPU (avx512_fp16 / AMX-FP16): DeepSpeed's CPU accelerator asks the
+    same before it accepts an fp16 config."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
 
 PRECISIONS = {
     "fp32": Precision("fp32", torch.float32, mixed=False),
