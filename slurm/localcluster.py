@@ -30,6 +30,7 @@ DEFAULT_DIR = Path(os.environ.get("LDM_SLURM_DIR", "/tmp/ldm-slurm"))
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
+MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 UP_COMMAND = "sudo python -m slurm.localcluster up"
 
 
@@ -170,10 +171,7 @@ def up(folder: Path = DEFAULT_DIR, timeout: float = 60) -> Path:
     host = socket.gethostname()
     (folder / "slurm.conf").write_text(slurm_conf(folder, host))
     _hosts(add=True)
-    Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    shutil.chown("/run/munge", "munge", "munge")
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    _start_munge()
     env = _env(folder)
     subprocess.run(["slurmctld", "-f", str(folder / "slurm.conf")], check=True, env=env)
     for node in NODES:
@@ -193,6 +191,24 @@ def up(folder: Path = DEFAULT_DIR, timeout: float = 60) -> Path:
         f"Slurm nodes not idle after {timeout}s: {status(folder)}\n"
         f"see {folder}/slurmctld.log and {folder}/slurmd-n1.log"
     )
+
+
+def _start_munge() -> None:
+    """munged, unless one already serves its socket. A munged left running while its package was purged (and
+    /run/munge emptied) no longer answers: every Slurm command would fail authenticating, so it is replaced."""
+    running = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0
+    if running and MUNGE_SOCKET.exists():
+        return
+    if running:
+        subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+        deadline = time.time() + 10
+        while subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+            if time.time() > deadline:
+                raise RuntimeError("a stale munged (its socket gone) did not stop within 10 s")
+            time.sleep(0.1)
+    MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    shutil.chown(MUNGE_SOCKET.parent, "munge", "munge")
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
 
 
 def down(folder: Path = DEFAULT_DIR) -> None:
