@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ pytestmark = (
     pytest.mark.slow
 )  # (make test's --dist loadfile keeps this file, and the one local cluster, on one worker)
 SUBMIT = [PY, "-m", "trainer.cli.submit"]
+MIN_RUNTIME = 5  # launcher/local_cpu.yaml: a stop signal sooner after a (re)start is ignored
 
 
 def base(run_dir: Path, shards: Path | str) -> list[str]:
@@ -99,7 +101,7 @@ def _tiny_autoencoder(folder: Path, garbage: bool = False) -> Path:
 
 
 def preempt_once(job: str, run_dir: Path, logs: Path | None = None) -> dict[str, str]:
-    """Wait until ``job`` has logged step 3 in ``run_dir``, past launcher.min_runtime, send its batch script the
+    """Wait until ``job`` has logged step 3 in ``run_dir`` and runs past launcher.min_runtime, send its batch script the
     stop signal Slurm sends before a time limit, and wait until the requeued job has completed."""
 
     def running_a_while() -> bool:
@@ -107,7 +109,9 @@ def preempt_once(job: str, run_dir: Path, logs: Path | None = None) -> dict[str,
         return any(r.get("step", 0) >= 3 for r in rows) and "restart 0" in job_log(logs or run_dir)
 
     wait(job, until=running_a_while)
-    time.sleep(6)  # past launcher.min_runtime
+    starts = re.findall(r"\(restart 0\) on .*, (\S+)$", job_log(logs or run_dir), re.M)  # the scripts' clocks
+    started = max(datetime.fromisoformat(t).timestamp() for t in starts)
+    time.sleep(max(0.0, started + MIN_RUNTIME + 1 - time.time()))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=env())
     return wait(job, timeout=900, until=lambda: job_state(job).get("JobState") == "COMPLETED")
 
@@ -130,11 +134,12 @@ def test_pipeline_rehearsal_over_http_preempted_once_accounts_for_every_sample(
     from shardserver import ShardServer
 
     ae = _tiny_autoencoder(tmp_path / "ae")
-    run_dir, steps, global_batch = tmp_path / "run", 30, 8 * 4
+    run_dir, steps, global_batch = tmp_path / "run", 30, 8 * 2
     with ShardServer(synth_shards) as srv:
         srv.faults["/train-000003.tar"] = ["503", "drop:3000"]
         urls = srv.url("train-{000000..000007}.tar")
-        pre, train = submit("pipeline", [*base(run_dir, f"'{urls}'"),
+        # two nodes x one task: the four-rank layout is the first test's; here every launch of a rank is CPU time
+        pre, train = submit("pipeline", [*base(run_dir, f"'{urls}'"), "launcher.tasks_per_node=1",
                                          f"weights.autoencoder={ae}", "weights.allow_random_autoencoder=false",
                                          f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline"])  # fmt: skip
         state = preempt_once(train, run_dir)
@@ -172,7 +177,7 @@ def test_sweep_is_a_job_array_whose_points_requeue_and_resume_on_their_own(
 ):
     """ldm-submit train -m: one array task per point, each in its own run folder with its own W&B run; one
     point is preempted and requeued alone."""
-    run_dir, steps = tmp_path / "sweep", 60
+    run_dir, steps = tmp_path / "sweep", 30
     [array] = submit("train", ["-m", *base(run_dir, synth_shards), "launcher.nodes=1", "launcher.tasks_per_node=1",
                                f"max_steps={steps}", "checkpoint.every=1000", "logger=wandb_offline",
                                "optim.lr=1e-3,3e-3"])  # fmt: skip
