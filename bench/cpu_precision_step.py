@@ -4,9 +4,10 @@
 
 A step is what the demo's stages do: forward, loss, backward, gradient clipping, AdamW; the autoencoder is
 ``autoencoder/demo_f8`` on 32 images of 64 px with the demo's loss, the UNet ``unet/demo`` with the jointly
-trained ``text_encoder/demo_transformer`` on 64 latents of 8x8x8. Variants, interleaved round after round:
+trained ``text_encoder/demo_transformer`` on 64 latents of the preset's shape (8x8x16). Variants, interleaved round after round:
 
-- fp32 (channels-last, torch.optim.AdamW's for-each loop): the old demo;
+- fp32 (channels-last, torch.optim.AdamW's for-each loop): the old demo, and the same with fused AdamW (the fair
+  comparison on a CPU without AMX, where bf16 runs on avx512_bf16's dot products only);
 - bf16 autocast as ``precision=bf16-autocast`` runs it (GroupNorm and attention in fp32 for bf16 CPU tensors);
 - the same with torch's own bf16 GroupNorm and attention kernels (``trainer.models.norm.CPU_BF16_IN_FP32=False``);
 - bf16 autocast + fused AdamW (``optim.fused``): what the demo presets use.
@@ -38,6 +39,7 @@ from trainer.tasks.unet import DiffusionModel
 # name: (precision, torch's own bf16 GroupNorm/attention, fused AdamW)
 VARIANTS = {
     "fp32": ("fp32", False, False),
+    "fp32 + fused AdamW": ("fp32", False, True),
     "bf16 autocast": ("bf16-autocast", False, False),
     "bf16 autocast, torch's bf16 GN/attention": ("bf16-autocast", True, False),
     "bf16 autocast + fused AdamW (demo)": ("bf16-autocast", False, True),

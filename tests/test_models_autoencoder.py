@@ -206,6 +206,12 @@ def test_adaptive_weight_and_discriminator_start():
     direct = loss_fn.adaptive_weight(nll, loss_fn.g_loss(rec), model.last_layer)
     side = loss_fn.adaptive_weight_at(x, model.decoder.conv_out, seen["h"])
     assert torch.allclose(side, direct, rtol=1e-5) and side > 0
+    # under precision=bf16-autocast the hook sees a bf16 activation: the side graph computes in the weight's fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, sample=False)
+    assert seen["h"].dtype == torch.bfloat16
+    side_bf16 = loss_fn.adaptive_weight_at(x, model.decoder.conv_out, seen["h"])
+    assert side_bf16.dtype == torch.float32 and torch.allclose(side_bf16, direct, rtol=0.05)
 
 
 def test_lpips_backbone_comes_from_a_path_and_missing_weights_fail_clearly(tmp_path):

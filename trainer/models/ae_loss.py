@@ -195,7 +195,8 @@ class AutoencoderLoss(nn.Module):
         """
         weight = conv.weight.detach().requires_grad_(True)
         bias = conv.bias.detach() if conv.bias is not None else None
-        rec = F.conv2d(conv_input.detach(), weight, bias, stride=conv.stride, padding=conv.padding)
+        h = conv_input.detach().to(weight.dtype)  # bf16 under precision=bf16-autocast: the side graph is fp32
+        rec = F.conv2d(h, weight, bias, stride=conv.stride, padding=conv.padding)
         nll, _ = self.reconstruction(x, rec)
         return self.adaptive_weight(nll, self.g_loss(rec), weight)
 
