@@ -34,9 +34,8 @@ class DemoBudget:
 
     synth_images: int = 12000
     photo_crops: int = 6000
-    ae_steps: int = (
-        1400  # 17.3 min in all on this VM's AMD EPYC (2026-12-02); ~27 min on the earlier Intel VM
-    )
+    # 1,400 + 1,700 steps: 17.3 min in all on this VM's AMD EPYC (2026-12-02); ~27 min on the earlier Intel VM
+    ae_steps: int = 1400
     unet_steps: int = 1700
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
     images_per_prompt: int = 4
@@ -99,19 +98,8 @@ class Demo:
         self.sh(
             *synth, "--seed", "0", "--out", d / "train", "--num", str(b.synth_images), "--shard-size", shard
         )
-        self.sh(
-            *synth,
-            "--seed",
-            "0",
-            "--out",
-            d / "heldout",
-            "--split",
-            "heldout",
-            "--num",
-            "96",
-            "--shard-size",
-            "96",
-        )
+        self.sh(*synth, "--seed", "0", "--out", d / "heldout", "--split", "heldout", "--num", "96",
+                "--shard-size", "96")  # fmt: skip
         # The autoencoder's shapes: every combination, another seed. As in LDM (its autoencoder is trained on other
         # images than the text-image pairs), the held-out split is about captions, which an autoencoder never
         # reads; trained on the UNet's split only, it decoded the held-out bottom-right triangles as discs
