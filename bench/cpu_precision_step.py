@@ -4,7 +4,8 @@
 
 A step is what the demo's stages do: forward, loss, backward, gradient clipping, AdamW; the autoencoder is
 ``autoencoder/demo_f8`` on 32 images of 64 px with the demo's loss, the UNet ``unet/demo`` with the jointly
-trained ``text_encoder/demo_transformer`` on 64 latents of the preset's shape (8x8x16). Variants, interleaved round after round:
+trained ``text_encoder/demo_transformer`` on 64 latents of the preset's shape (8x8x16). Variants, interleaved
+round after round:
 
 - fp32 (channels-last, torch.optim.AdamW's for-each loop): the old demo, and the same with fused AdamW (the fair
   comparison on a CPU without AMX, where bf16 runs on avx512_bf16's dot products only);

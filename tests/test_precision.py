@@ -57,9 +57,8 @@ def test_fp16_on_a_cpu_without_it_is_refused_at_start_naming_the_key(tmp_path, s
         precision("fp16").check_device(cpu)
     if not CPU_FP16:  # and the whole command, on this CPU
         out = run(tmp_path, synth_shards, ["precision=fp16", "max_steps=1"], nproc=1, check=False)
-        assert out.returncode != 0 and "precision=fp16: this CPU has no fp16" in out.stderr, out.stderr[
-            -3000:
-        ]
+        refusal = "precision=fp16: this CPU has no fp16"
+        assert out.returncode != 0 and refusal in out.stderr, out.stderr[-3000:]
         assert "Type fp16 is not supported" not in out.stderr
         assert not (tmp_path / "checkpoints").exists()
 

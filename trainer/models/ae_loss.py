@@ -28,9 +28,8 @@ class AutoencoderLossConfig:
     lpips_net: str = "vgg"  # vgg | alex | squeeze
     lpips_backbone_path: str = ""  # torchvision backbone weights; "" -> $TORCH_HOME/hub/checkpoints/<file>
     lpips_random_backbone: bool = False  # a random backbone: a stand-in for tests, never for training
-    edge_weight: float = (
-        0.0  # L1 of the error's image gradients, per pixel: sharp edges where LPIPS is absent
-    )
+    # L1 of the error's image gradients, per pixel: sharp edges where LPIPS is absent
+    edge_weight: float = 0.0
     learn_logvar: bool = True
     kl_weight: float = 1e-6
     codebook_weight: float = 1.0
