@@ -7,7 +7,8 @@ ldm-data validate URLS... [--json]
 ldm-data stream URLS... [--resolution R --batch-size B --workers W --batches N]
 
 Bad arguments are refused before any work, with exit code 2 and one line naming the flag and value; so
-are shard URLs it will not open and sources with no usable image.
+are shard URLs it will not open and sources with no usable image. A command that writes ``--out`` holds that
+folder's lock (``.lock``) while it runs: a second job on the same folder is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .args import OneLineParser, int_at_least
 from .errors import InputError, NoValidSampleError, ShardUrlError
+from .lock import LOCK_FILE, FolderLock
 from .samples import DEFAULT_MAX_PIXELS, ImageLimits
 from .urls import expand_shards
 
@@ -201,12 +204,36 @@ def _check(args: argparse.Namespace) -> None:
         args.parser.error(f"argument --epoch-samples: --resampled needs it >= 1, got {args.epoch_samples}")
 
 
+def _locked(args: argparse.Namespace) -> int:
+    """Run a command that writes ``--out`` holding that folder's lock: two jobs writing one folder would
+    interleave shards (a second shuffle would delete the first's work). A failed command leaves no folder
+    it made behind, lock file included."""
+    out = Path(args.out).absolute()
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    lock = FolderLock(out, f"ldm-data {args.cmd} job")
+    ok = False
+    try:
+        rc = args.fn(args)
+        ok = rc == 0
+        return rc
+    finally:
+        lock.release()
+        if not ok and made is not None and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            lock.path.unlink()
+            for p in [out, *out.parents]:
+                p.rmdir()
+                if p == made:
+                    break
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     _check(args)
     try:
-        return args.fn(args)
+        if getattr(args, "out", None) is None:
+            return args.fn(args)
+        return _locked(args)
     except (
         FileNotFoundError,
         ShardUrlError,

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from shardmaker import image_bytes, write_tar
 
+from data_pipeline.cli import main as ldm_data
 from data_pipeline.images import ImageShards, ImageShardsConfig
+from data_pipeline.lock import LOCK_FILE, FolderLock
 from data_pipeline.reshuffle import shuffle_shards
 from data_pipeline.synthetic import write_synthetic
 from data_pipeline.tario import iter_shard
@@ -83,11 +85,29 @@ def test_shuffle_counts_a_truncated_source_shard_and_refuses_to_overwrite(tmp_pa
     assert kept["s0"] == 240 and 0 < kept["s1"] < 80 and summary["samples"] == sum(kept.values())
     # the command: a folder that holds shards is refused with one line, and nothing in it changes
     before = {p.name: p.read_bytes() for p in (tmp_path / "mixed").iterdir()}
+    before[LOCK_FILE] = b""  # the command holds the folder's lock while it runs (one line of who holds it)
     cmd = [sys.executable, "-m", "data_pipeline.cli", "shuffle", *sources, "--out", str(tmp_path / "mixed")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert (
         res.returncode == 2 and "already holds shards" in res.stderr and str(tmp_path / "mixed") in res.stderr
     )
-    assert {p.name: p.read_bytes() for p in (tmp_path / "mixed").iterdir()} == before
+    after = {p.name: p.read_bytes() for p in (tmp_path / "mixed").iterdir()}
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in before if k != LOCK_FILE)
     with pytest.raises(ValueError, match="shard_size must be >= 1"):
         shuffle_shards(sources, str(tmp_path / "x"), shard_size=0)
+
+
+def test_a_second_job_on_the_same_output_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+    """Two shuffles into one folder would delete each other's work: the second one is refused at once."""
+    sources, out = _sources(tmp_path), tmp_path / "mixed"
+    held = FolderLock(out, "ldm-data shuffle job")  # as a running job holds it (flock: per open file)
+    try:
+        assert ldm_data(["shuffle", *sources, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another ldm-data shuffle job: pid " in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+        assert ldm_data(["synth", "--out", str(out), "--num", "8", "--size", "16"]) == 2
+    finally:
+        held.release()
+    assert ldm_data(["shuffle", *sources, "--out", str(out), "--shard-size", "200"]) == 0
+    assert len(_all(str(out))) == 320
