@@ -34,13 +34,13 @@ class DemoBudget:
 
     synth_images: int = 12000
     photo_crops: int = 6000
-    # 1,400 + 1,700 steps: 17.3 min in all on this VM's AMD EPYC (2026-12-02); ~27 min on the earlier Intel VM
+    # 1,400 + 2,300 steps: ~18 min in all on this VM's AMD EPYC (2026-12-02); ~33 min on the earlier Intel VM
     ae_steps: int = 1400
-    unet_steps: int = 1700
+    unet_steps: int = 2300
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
     images_per_prompt: int = 4
     sample_steps: int = 50
-    guidance: float = 3.0
+    guidance: float = 5.0  # v-prediction at 2,300 steps: held-out shape 90/92% at 3, 98/92% at 5 (P17)
     workers: int = 2
     extra_ae: list[str] = field(default_factory=list)  # Hydra overrides for the autoencoder run
     extra_unet: list[str] = field(default_factory=list)  # ... and for the UNet run
