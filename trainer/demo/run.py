@@ -34,7 +34,7 @@ class DemoBudget:
 
     synth_images: int = 12000
     photo_crops: int = 6000
-    # 1,400 + 2,300 steps: ~18 min in all on this VM's AMD EPYC (2026-12-02); ~33 min on the earlier Intel VM
+    # 1,400 + 2,300 steps: 18.4 and 19.3 min in all on this VM's AMD EPYC (2026-12-02); ~33 on the Intel VM
     ae_steps: int = 1400
     unet_steps: int = 2300
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
