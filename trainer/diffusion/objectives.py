@@ -11,6 +11,7 @@ import torch
 from ..config import build, config_dict
 from .parameterizations import LossWeighting, Parameterization
 from .schedules import NoiseSchedule
+from .timesteps import TimestepSampler
 
 
 @dataclass
@@ -25,6 +26,10 @@ class DiffusionConfig:
         default_factory=lambda: {"_target_": "trainer.diffusion.parameterizations.UniformWeighting"}
     )
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise (brightness range)
+    # which timesteps a batch draws (training only; importance-corrected, so the objective stays the same)
+    timesteps: Any = field(
+        default_factory=lambda: {"_target_": "trainer.diffusion.timesteps.UniformTimesteps"}
+    )
 
 
 class Diffusion:
@@ -37,6 +42,7 @@ class Diffusion:
             self.config.parameterization, "diffusion.parameterization", Parameterization
         )
         self.weighting: LossWeighting = build(self.config.weighting, "diffusion.weighting", LossWeighting)
+        self.timesteps: TimestepSampler = build(self.config.timesteps, "diffusion.timesteps", TimestepSampler)
 
     @classmethod
     def from_node(cls, node: Any) -> Diffusion:
@@ -53,6 +59,7 @@ class Diffusion:
             "parameterization": config_dict(self.parameterization.config),
             "weighting": config_dict(self.weighting.config),
             "offset_noise": self.config.offset_noise,
+            "timesteps": config_dict(self.timesteps.config),
         }
 
 
@@ -62,6 +69,7 @@ class DiffusionObjective:
     def __init__(self, diffusion: Diffusion | None = None):
         self.diffusion = diffusion or Diffusion()
         self.schedule = self.diffusion.schedule
+        self._weights: dict[torch.device, torch.Tensor] = {}
 
     def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -72,8 +80,20 @@ class DiffusionObjective:
             noise = noise + offset_std * offset
         return noise
 
-    def sample_timesteps(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator, device=device)
+    def timestep_weights(self, device: torch.device) -> torch.Tensor:
+        """The loss weight of every timestep 0..T-1 (what the timestep sampler draws by)."""
+        device = torch.device(device)
+        if device not in self._weights:
+            t = torch.arange(self.schedule.num_timesteps, device=device)
+            snr = self.schedule.snr(t).float()
+            self._weights[device] = self.diffusion.weighting(snr, self.diffusion.parameterization)
+        return self._weights[device]
+
+    def sample_timesteps(
+        self, n: int, device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` training timesteps and their importance ratios (ones for uniform draws)."""
+        return self.diffusion.timesteps.sample(self.timestep_weights(device), n, generator)
 
     def loss(
         self,
@@ -86,8 +106,9 @@ class DiffusionObjective:
     ) -> tuple[torch.Tensor, dict]:
         """Mean weighted MSE. ``model_fn(z_t, t)`` returns the prediction; ``concat`` (inpainting mask and
         masked latents, or a low-resolution image) is appended to z_t along channels."""
+        ratio = None
         if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+            t, ratio = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = self.sample_noise(x0, generator)
         alpha, sigma = self.schedule.alpha_sigma(t, x0)
@@ -98,4 +119,6 @@ class DiffusionObjective:
         target = param.target(x0, noise, alpha, sigma)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=list(range(1, x0.ndim)))
         weights = self.diffusion.weighting(self.schedule.snr(t).float(), param)
+        if ratio is not None:
+            weights = weights * ratio
         return (weights * per_sample).mean(), {"t": t, "per_sample": per_sample.detach()}
