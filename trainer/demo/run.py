@@ -42,6 +42,12 @@ class DemoBudget:
     sample_steps: int = 50
     guidance: float = 5.0  # v-prediction at 2,300 steps: held-out shape 90/92% at 3, 98/92% at 5 (P17)
     workers: int = 2
+    # training processes, data parallel over the cores (2 ranks of one thread each ran the autoencoder step 1.13x
+    # and the UNet step 1.16x as fast as one process of two threads: docs/benchmarks.md, issue 19); the batches
+    # below are global, split over the ranks
+    ranks: int = 2
+    ae_batch: int = 32
+    unet_batch: int = 64
     extra_ae: list[str] = field(default_factory=list)  # Hydra overrides for the autoencoder run
     extra_unet: list[str] = field(default_factory=list)  # ... and for the UNet run
 
@@ -65,12 +71,15 @@ class Demo:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             self.env.pop(key, None)
 
-    def sh(self, *cmd: str | Path, capture: bool = False) -> str:
+    def sh(self, *cmd: str | Path, capture: bool = False, env: dict[str, str] | None = None) -> str:
         """Run one stage command (printed first); its output streams to the terminal unless captured."""
         args = [str(c) for c in cmd]
         shown = [Path(args[0]).name if args[0].startswith(str(self.bin)) else args[0], *args[1:]]
+        shown = [f"{k}={v}" for k, v in (env or {}).items()] + shown
         print(f"\n$ {shlex.join(shown)}", flush=True)
-        res = subprocess.run(args, env=self.env, text=True, stdout=subprocess.PIPE if capture else None)
+        res = subprocess.run(
+            args, env={**self.env, **(env or {})}, text=True, stdout=subprocess.PIPE if capture else None
+        )
         if res.returncode != 0:
             raise SystemExit(f"ldm-demo: stage failed (exit {res.returncode}): {shlex.join(shown)}")
         return res.stdout or ""
@@ -78,8 +87,19 @@ class Demo:
     def tool(self, name: str) -> str:
         return str(self.bin / name)
 
-    def train(self, *overrides: str) -> None:
-        self.sh(sys.executable, "-m", "trainer.cli.train", *overrides)
+    def train(self, batch: int, experiment: str, *overrides: str) -> None:
+        """One training run on ``budget.ranks`` processes, ``batch`` samples a step over all of them."""
+        n = self.budget.ranks
+        if batch % n:
+            raise SystemExit(f"ldm-demo: a global batch of {batch} does not split over {n} ranks")
+        if n == 1:
+            self.sh(
+                sys.executable, "-m", "trainer.cli.train", experiment, f"data.batch_size={batch}", *overrides
+            )
+            return
+        threads = str(max(1, (os.cpu_count() or 1) // n))
+        self.sh(self.tool("torchrun"), "--standalone", f"--nproc_per_node={n}", "-m", "trainer.cli.train",
+                experiment, f"data.batch_size={batch // n}", *overrides, env={"OMP_NUM_THREADS": threads})  # fmt: skip
 
     def stage(self, name: str, fn) -> object:
         print(f"\n=== {name} ===", flush=True)
@@ -121,7 +141,7 @@ class Demo:
 
     def autoencoder(self) -> dict:
         d, run = self.out / "data", self.out / "autoencoder"
-        self.train("experiment=demo_autoencoder", f"run_dir={run}", f"max_steps={self.budget.ae_steps}",
+        self.train(self.budget.ae_batch, "experiment=demo_autoencoder", f"run_dir={run}", f"max_steps={self.budget.ae_steps}",
                    f"data.urls={d / 'mixed'}", *self.budget.extra_ae)  # fmt: skip
         self.sh(self.tool("ldm-export"), run / "checkpoints", "--out", run / "export")
         photos = sorted(str(p) for p in (d / "heldout_photos").glob("*.png"))
@@ -146,7 +166,7 @@ class Demo:
     def unet(self) -> None:
         b, run = self.budget, self.out / "unet"
         every = max(1, -(-b.unet_steps // b.curve_points))  # ceil: the last curve point is the final step
-        self.train("experiment=demo_unet", f"run_dir={run}", f"max_steps={b.unet_steps}",
+        self.train(b.unet_batch, "experiment=demo_unet", f"run_dir={run}", f"max_steps={b.unet_steps}",
                    f"data.urls={self.out / 'latents'}", f"weights.autoencoder={self.out / 'autoencoder/export'}",
                    f"checkpoint.every={every}", f"checkpoint.keep_last={b.curve_points + 1}", *b.extra_unet)  # fmt: skip
 
