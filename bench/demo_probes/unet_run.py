@@ -5,7 +5,7 @@
 Runs ``Demo.unet`` and ``Demo.evaluate`` themselves (the same steps, checkpoint spacing, sampler and guidance as
 ``make demo``) in /tmp/p/NAME, whose ``data``, ``autoencoder/export`` and ``latents`` are links to
 ``$PROBE_DATA/data``, AE_EXPORT and LATENTS. Hydra overrides go to the UNet run; env STEPS and GUIDANCE replace
-the demo's, RANKS (default 1, not the demo's 2) sets the training processes. LATENTS is made with the demo's precompute when it does not exist: for an autoencoder other than the
+the demo's, RANKS the training processes. LATENTS is made with the demo's precompute when it does not exist: for an autoencoder other than the
 ``demo_f8`` preset, make it first with ``ldm-precompute`` and that autoencoder's overrides.
 """
 
@@ -30,7 +30,7 @@ for link, target in links.items():
 budget = DemoBudget(extra_unet=[f"seed={seed}", "logger.progress=false", *overrides])
 budget.unet_steps = int(os.environ.get("STEPS", budget.unet_steps))
 budget.guidance = float(os.environ.get("GUIDANCE", budget.guidance))
-budget.ranks = int(os.environ.get("RANKS", "1"))  # one process (of OMP_NUM_THREADS threads): two probes side by side
+budget.ranks = int(os.environ.get("RANKS", budget.ranks))
 demo = Demo(out, budget)
 if not (Path(latents) / "manifest.json").is_file():
     demo.precompute()

@@ -27,10 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         "--ae-override", action="append", default=[], help="Hydra override for the autoencoder run"
     )
     p.add_argument("--unet-override", action="append", default=[], help="Hydra override for the UNet run")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        help="training processes (torchrun, data parallel; default 1: all cores in one process)",
+    )
     args = p.parse_args(argv)
     budget = QUICK if args.quick else DemoBudget()
     budget.ae_steps = args.ae_steps or budget.ae_steps
     budget.unet_steps = args.unet_steps or budget.unet_steps
+    budget.ranks = args.ranks or budget.ranks
     budget.extra_ae, budget.extra_unet = args.ae_override, args.unet_override
     out = Path(args.out)
     if (out / "unet").exists() or (out / "autoencoder").exists():

@@ -42,10 +42,10 @@ class DemoBudget:
     sample_steps: int = 50
     guidance: float = 5.0  # v-prediction at 2,300 steps: held-out shape 90/92% at 3, 98/92% at 5 (P17)
     workers: int = 2
-    # training processes, data parallel over the cores (2 ranks of one thread each ran the autoencoder step 1.13x
-    # and the UNet step 1.16x as fast as one process of two threads: docs/benchmarks.md, issue 19); the batches
-    # below are global, split over the ranks
-    ranks: int = 2
+    # training processes (torchrun, data parallel, the cores split between them); the batches below are global.
+    # 2 ranks of one thread looked 1.13-1.16x faster in 100-step probes but ran the demo's stages slower
+    # (autoencoder 0.246 against ~0.19 s a step, UNet 0.33 against 0.28): docs/benchmarks.md, issue 19
+    ranks: int = 1
     ae_batch: int = 32
     unet_batch: int = 64
     extra_ae: list[str] = field(default_factory=list)  # Hydra overrides for the autoencoder run
