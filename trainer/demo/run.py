@@ -36,6 +36,7 @@ class DemoBudget:
     photo_crops: int = 6000
     # 1,400 + 2,300 steps: 18.4 and 19.3 min in all on this VM's AMD EPYC (2026-12-02), ~33 on the Intel VM. With
     # 1,900 UNet steps (17.2 min) the demo's held-out shape read 87.5%: the time left goes to the UNet (P19).
+    ae_steps: int = 1400
     unet_steps: int = 2300
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
     images_per_prompt: int = 4
@@ -43,8 +44,8 @@ class DemoBudget:
     guidance: float = 5.0  # v-prediction at 2,300 steps: held-out shape 90/92% at 3, 98/92% at 5 (P17)
     workers: int = 2
     # training processes (torchrun, data parallel, the cores split between them); the batches below are global.
-    # 2 ranks of one thread looked 1.13-1.16x faster in 100-step probes but ran the demo's stages slower
-    # (autoencoder 0.246 against ~0.19 s a step, UNet 0.33 against 0.28): docs/benchmarks.md, issue 19
+    # 2 ranks of one thread looked 1.13-1.16x faster in 100-step probes but ran the demo slower (a 50-s shm_comm
+    # build, UNet 0.33 against 0.30 s a step): docs/benchmarks.md, issue 19
     ranks: int = 1
     ae_batch: int = 32
     unet_batch: int = 64
