@@ -5,8 +5,9 @@
 Runs ``Demo.unet`` and ``Demo.evaluate`` themselves (the same steps, checkpoint spacing, sampler and guidance as
 ``make demo``) in /tmp/p/NAME, whose ``data``, ``autoencoder/export`` and ``latents`` are links to
 ``$PROBE_DATA/data``, AE_EXPORT and LATENTS. Hydra overrides go to the UNet run; env STEPS and GUIDANCE replace
-the demo's, RANKS the training processes. LATENTS is made with the demo's precompute when it does not exist: for an autoencoder other than the
-``demo_f8`` preset, make it first with ``ldm-precompute`` and that autoencoder's overrides.
+the demo's, RANKS its training processes. LATENTS is made with the demo's precompute when it does not exist:
+for an autoencoder other than the ``demo_f8`` preset, make it first with ``ldm-precompute`` and that
+autoencoder's overrides.
 """
 
 import json

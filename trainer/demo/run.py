@@ -143,8 +143,8 @@ class Demo:
 
     def autoencoder(self) -> dict:
         d, run = self.out / "data", self.out / "autoencoder"
-        self.train(self.budget.ae_batch, "experiment=demo_autoencoder", f"run_dir={run}", f"max_steps={self.budget.ae_steps}",
-                   f"data.urls={d / 'mixed'}", *self.budget.extra_ae)  # fmt: skip
+        self.train(self.budget.ae_batch, "experiment=demo_autoencoder", f"run_dir={run}",
+                   f"max_steps={self.budget.ae_steps}", f"data.urls={d / 'mixed'}", *self.budget.extra_ae)  # fmt: skip
         self.sh(self.tool("ldm-export"), run / "checkpoints", "--out", run / "export")
         photos = sorted(str(p) for p in (d / "heldout_photos").glob("*.png"))
         at256 = self.sh(
