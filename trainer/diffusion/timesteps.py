@@ -65,6 +65,9 @@ class ImportanceTimesteps:
             raise ValueError(
                 f"diffusion.timesteps.uniform_share must be in (0, 1], got {self.config.uniform_share}"
             )
+        # (weights, p, ratio per timestep) of the last weights seen: the objective hands the same tensor every
+        # step, so p is built (and its check, a host sync on a GPU, made) once, not per step
+        self._table: tuple[Tensor, Tensor, Tensor] | None = None
 
     def probabilities(self, weights: Tensor) -> Tensor:
         """p(t) for every timestep."""
@@ -77,7 +80,9 @@ class ImportanceTimesteps:
         return (1 - share) * w / w.sum() + share / w.numel()
 
     def sample(self, weights, n, generator):
-        p = self.probabilities(weights)
-        t = torch.multinomial(p.float(), n, replacement=True, generator=generator)
-        ratio = (1.0 / (p.numel() * p[t])).float()
-        return t.to(weights.device), ratio.to(weights.device)
+        if self._table is None or self._table[0] is not weights:
+            p = self.probabilities(weights)
+            self._table = (weights, p.float(), (1.0 / (p.numel() * p)).float())
+        _, p, ratio = self._table
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        return t, ratio[t]
