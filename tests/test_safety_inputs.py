@@ -211,3 +211,24 @@ def test_ldm_eval_refuses_a_decompression_bomb_in_one_line(tmp_path):
     assert (
         out.returncode == 2 and "Traceback" not in out.stderr and "decompression bomb" in out.stderr.lower()
     )
+
+
+def test_an_autoencoder_export_for_another_architecture_names_the_fields_that_differ(tmp_path):
+    from presets import model as preset_model
+    from safetensors.torch import save_file
+
+    from trainer.config import config_dict
+    from trainer.models.weights import WeightsError, load_autoencoder_weights
+
+    trained = preset_model("autoencoder/tiny", seed=0)
+    save_file(
+        {k: v.contiguous() for k, v in trained.state_dict().items()},
+        str(tmp_path / "autoencoder.safetensors"),
+    )
+    (tmp_path / "autoencoder.json").write_text(json.dumps({"config": config_dict(trained.config)}))
+    assert load_autoencoder_weights(preset_model("autoencoder/tiny"), tmp_path) is None  # same config: loads
+    with pytest.raises(WeightsError) as err:
+        load_autoencoder_weights(preset_model("autoencoder/tiny", ch=16, ch_mult=[1, 2]), tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "ch=32 there, 16 here" in message
+    assert "ch_mult=[1, 2, 2] there, [1, 2] here" in message and "z_channels" not in message

@@ -3,6 +3,7 @@ layout), diffusers folders, bare safetensors state dicts; and a fingerprint of a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -42,8 +43,23 @@ def load_autoencoder_weights(model: torch.nn.Module, path: str | Path) -> float 
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{p}: does not fit the autoencoder config: {str(exc)[:500]}") from None
+        hint = _config_difference(p / "autoencoder.json", model.config) if p.is_dir() else ""
+        raise WeightsError(f"{p}: does not fit the autoencoder config{hint}: {str(exc)[:500]}") from None
     return scale
+
+
+def _config_difference(meta_file: Path, config: object) -> str:
+    """The fields where the config an export recorded differs from the one given (empty if unknown)."""
+    if not meta_file.is_file() or not dataclasses.is_dataclass(config):
+        return ""
+    recorded = json.loads(meta_file.read_text()).get("config") or {}
+    given = json.loads(json.dumps(dataclasses.asdict(config), default=str))  # tuples read back as lists
+    diffs = [
+        f"{k}={recorded[k]!r} there, {given[k]!r} here"
+        for k in given
+        if k in recorded and recorded[k] != given[k]
+    ]
+    return f" (its autoencoder.json differs in {'; '.join(diffs)})" if diffs else ""
 
 
 def _is_single_file(path: Path) -> bool:
