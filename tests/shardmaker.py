@@ -22,6 +22,17 @@ def image_bytes(w: int, h: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
+def good_members(prefix: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """``n`` samples as tar members: a 32x32 JPEG and a caption each, keys ``prefix0``, ``prefix1``, ..."""
+    out = []
+    for i in range(n):
+        out += [
+            (f"{prefix}{i}.jpg", image_bytes(32, 32, seed + i)),
+            (f"{prefix}{i}.txt", f"{prefix} {i}".encode()),
+        ]
+    return out
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -> None:
     """Write members in order; ``cut`` truncates the file to that many bytes (negative: from the end)."""
     buf = io.BytesIO()

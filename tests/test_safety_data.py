@@ -1,11 +1,11 @@
-"""Issue 15, data side: shard names that look like commands, crafted tar headers, decompression bombs and
-bad ``ldm-data`` arguments are refused or counted, never run, never fatal, never a traceback."""
+"""Issue 15, data side: shard names that look like commands, decompression bombs and bad ``ldm-data``
+arguments are refused or counted, never run, never fatal, never a traceback (crafted tar headers:
+test_safety_tar_headers.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import resource
 import shlex
@@ -13,54 +13,24 @@ import struct
 import subprocess
 import sys
 import time
-import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
 
 import pytest
+from datarun import ENV, epoch_zero, run_cli
 from PIL import Image
-from shardmaker import image_bytes, write_tar
+from shardmaker import good_members, image_bytes, write_tar
 
 from data_pipeline.errors import NoValidSampleError, SampleError
 from data_pipeline.images import ImageShards, ImageShardsConfig
-from data_pipeline.loader import StreamingLoader
 from data_pipeline.samples import ImageLimits, decode_rgb
 from data_pipeline.shards import from_folder
 from data_pipeline.tario import RawSample, iter_shard
 from data_pipeline.urls import ShardUrl, expand_shards
 from data_pipeline.validate import validate_shards
 
-CLI = [sys.executable, "-m", "data_pipeline.cli"]
-ENV = dict(os.environ)
 DEFAULT_PIL_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS as PIL ships it
-
-
-def run_cli(args: str | list, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``ldm-data ARGS`` in a subprocess (a string is split like a shell command line)."""
-    argv = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
-
-
-def good_members(prefix: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    out = []
-    for i in range(n):
-        out += [
-            (f"{prefix}{i}.jpg", image_bytes(32, 32, seed + i)),
-            (f"{prefix}{i}.txt", f"{prefix} {i}".encode()),
-        ]
-    return out
-
-
-def epoch_zero(loader: StreamingLoader) -> tuple[list[str], dict]:
-    """Keys of epoch 0 and the loader's counters after its last batch."""
-    keys, counters = [], None
-    for batch in loader:
-        if batch["epoch"][0] == 1:
-            return keys, counters
-        keys += batch["key"]
-        counters = loader.counters()
-    raise AssertionError("unreachable: the loader is endless")
 
 
 # -- item 3: a file named "pipe:..." is a file ---------------------------------------------------------------
@@ -145,133 +115,6 @@ def test_pipe_urls_the_user_wrote_still_work_when_allowed(synth_shards, tmp_path
         expand_shards(url)
     with pytest.raises(ValueError, match="starts with 'pipe:'"):
         ShardUrl("data/a.tar", "pipe")
-
-
-# -- item 9: crafted tar headers are corrupt shards, not crashes ---------------------------------------------
-
-
-def tar_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
-    """A ustar header written byte by byte, with a correct checksum around whatever ``size_field`` holds."""
-    h = bytearray(512)
-    h[0 : len(name)] = name.encode()
-    h[100:124] = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-    h[124:136] = size_field.ljust(12, b"\0")[:12]
-    h[136:148] = b"00000000000\0"  # mtime
-    h[156:157] = kind
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
-def tar_member(name: str, data: bytes, kind: bytes = b"0", size_field: bytes | None = None) -> bytes:
-    size_field = b"%011o\0" % len(data) if size_field is None else size_field
-    return tar_header(name, size_field, kind) + data + b"\0" * (-len(data) % 512)
-
-
-def pax_then(record: bytes) -> bytes:
-    """A pax extended header holding ``record``, then the member it describes."""
-    return tar_member("././@PaxHeader/x.jpg", record, b"x") + tar_member("x.jpg", b"x" * 600)
-
-
-GOOD_MEMBERS = [tar_member(n, d) for n, d in good_members("g", 2)]
-GOOD = b"".join(GOOD_MEMBERS)
-# case -> (what follows two good samples, the reason it is counted as)
-AFTER_GOOD = {
-    "size_not_octal": (tar_member("x.jpg", b"", size_field=b"12zz\0"), "unreadable_tar"),
-    "size_signed": (tar_member("x.jpg", b"y" * 600, size_field=b"-0000001000\0"), "unreadable_tar"),
-    "size_base256_huge": (
-        tar_member("x.jpg", b"", size_field=b"\x80" + (1 << 87).to_bytes(11, "big")),
-        "unreadable_tar",
-    ),
-    "size_base256_negative": (tar_member("x.jpg", b"", size_field=b"\xff" * 12), "unreadable_tar"),
-    "size_base256_64gib": (
-        tar_member("x.jpg", b"", size_field=b"\x80" + (1 << 36).to_bytes(11, "big")),
-        "unreadable_tar",
-    ),
-    "size_1gib_in_a_small_file": (
-        tar_member("x.jpg", b"z" * 900, size_field=b"%011o\0" % (1 << 30)),
-        "truncated_tar",
-    ),
-    "pax_without_length": (pax_then(b"garbage=1\n"), "unreadable_tar"),
-    "pax_length_not_a_number": (pax_then(b"xx path=x.jpg\n"), "unreadable_tar"),
-    "pax_length_zero": (pax_then(b"0 path=x.jpg\n"), "unreadable_tar"),
-    "pax_length_negative": (pax_then(b"-5 path=x.jpg\n"), "unreadable_tar"),
-    "pax_length_past_the_end": (pax_then(b"99 path=x.jpg\n"), "unreadable_tar"),
-}
-
-# case -> (shard bytes, reason, keys of the samples kept)
-CRAFTED = {case: (GOOD + tail, reason, ["g0", "g1"]) for case, (tail, reason) in AFTER_GOOD.items()}
-CRAFTED["first_header"] = (AFTER_GOOD["size_not_octal"][0] + GOOD, "unreadable_tar", [])
-CRAFTED["inside_a_sample"] = (  # g1.txt's header is the bad one: g1 is dropped, g0 kept
-    b"".join(GOOD_MEMBERS[:3]) + tar_member("g1.txt", b"g 1", size_field=b"9\0"),
-    "unreadable_tar",
-    ["g0"],
-)
-
-
-@pytest.fixture(scope="module")
-def crafted_dir(tmp_path_factory) -> Path:
-    """One shard per crafted case, and a clean shard last in name order."""
-    d = tmp_path_factory.mktemp("crafted")
-    for case, (data, _, _) in CRAFTED.items():
-        (d / f"{case}.tar").write_bytes(data)
-    write_tar(d / "zz_clean.tar", good_members("c", 2, seed=50))
-    return d
-
-
-def crafted_totals() -> tuple[int, dict[str, int]]:
-    """Valid samples and invalid counts by reason over ``crafted_dir``."""
-    invalid: dict[str, int] = {}
-    for _, reason, _ in CRAFTED.values():
-        invalid[reason] = invalid.get(reason, 0) + 1
-    return sum(len(keys) for _, _, keys in CRAFTED.values()) + 2, invalid
-
-
-@pytest.mark.timeout(60)  # a zero-length pax record used to loop forever
-@pytest.mark.parametrize("case", sorted(CRAFTED))
-def test_crafted_header_is_a_counted_corrupt_shard(crafted_dir, case):
-    _, reason, keys = CRAFTED[case]
-    errors = []
-    tracemalloc.start()
-    try:
-        samples = list(iter_shard(str(crafted_dir / f"{case}.tar"), errors))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert [s.key for s in samples] == keys  # samples before the damage are kept
-    assert [e.reason for e in errors] == [reason]
-    assert f"{case}.tar" in errors[0].detail
-    assert peak < 64 << 20, f"a forged size made the reader allocate {peak >> 20} MiB"
-
-
-@pytest.mark.timeout(300)
-def test_validate_counts_crafted_shards_exactly(crafted_dir):
-    valid, invalid = crafted_totals()
-    report = validate_shards(expand_shards(str(crafted_dir)), progress=False)
-    assert (report["valid"], report["invalid"]) == (valid, invalid)
-    out = run_cli(["validate", crafted_dir, "--json"])
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    assert (report["valid"], report["invalid"]) == (valid, invalid)
-    assert report["total"] == valid + sum(invalid.values())
-
-
-@pytest.mark.timeout(120)
-def test_streaming_loader_keeps_going_past_crafted_headers(crafted_dir):
-    cfg = ImageShardsConfig(
-        urls=str(crafted_dir),
-        resolution=32,
-        batch_size=1,
-        num_workers=1,
-        shuffle_buffer=1,
-        shard_shuffle=False,
-    )
-    keys, counters = epoch_zero(ImageShards(cfg).loader(0, 1))
-    valid, invalid = crafted_totals()
-    expected_keys = [k for case in sorted(CRAFTED) for k in CRAFTED[case][2]] + ["c0", "c1"]
-    assert keys == expected_keys and len(keys) == valid
-    assert counters["skipped"] == invalid and counters["valid"] == valid
 
 
 # -- item 12: PIL's decompression-bomb limit stays on for the whole process ----------------------------------
