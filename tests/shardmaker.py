@@ -22,13 +22,14 @@ def image_bytes(w: int, h: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-def good_members(prefix: str, n: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    """``n`` samples as tar members: a 32x32 JPEG and a caption each, keys ``prefix0``, ``prefix1``, ..."""
+def good_members(prefix: str, n: int, seed: int = 0, width: int = 1) -> list[tuple[str, bytes]]:
+    """``n`` samples as tar members: a 32x32 JPEG and a caption each, keys ``prefix0``, ``prefix1``, ... (the
+    index zero-padded to ``width`` digits)."""
     out = []
     for i in range(n):
         out += [
-            (f"{prefix}{i}.jpg", image_bytes(32, 32, seed + i)),
-            (f"{prefix}{i}.txt", f"{prefix} {i}".encode()),
+            (f"{prefix}{i:0{width}d}.jpg", image_bytes(32, 32, seed + i)),
+            (f"{prefix}{i:0{width}d}.txt", f"{prefix} {i}".encode()),
         ]
     return out
 

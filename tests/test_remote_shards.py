@@ -21,7 +21,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from presets import model as preset_model
 from safetensors.torch import save_file
-from shardmaker import image_bytes, member_end, write_tar
+from shardmaker import good_members, member_end, write_tar
 from shardserver import ShardServer
 from test_precompute import precompute_cmd
 from trainrun import ROOT, env
@@ -53,16 +53,6 @@ REMOTE_ENV = {
 }
 
 
-def members(prefix: str, n: int = PER_SHARD, seed: int = 0) -> list[tuple[str, bytes]]:
-    out = []
-    for i in range(n):
-        out += [
-            (f"{prefix}{i:02d}.jpg", image_bytes(32, 32, seed + i)),
-            (f"{prefix}{i:02d}.txt", f"{prefix} {i}".encode()),
-        ]
-    return out
-
-
 def inside_sample(m: list[tuple[str, bytes]], j: int) -> int:
     """A byte offset in the middle of sample ``j``'s image data."""
     return member_end(m, 2 * j) + 512 + 100
@@ -80,7 +70,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     layout = {}
     for s in range(8):
-        layout[f"s{s}.tar"] = members(f"s{s}_", seed=10 * s)
+        layout[f"s{s}.tar"] = good_members(f"s{s}_", PER_SHARD, seed=10 * s, width=2)
         write_tar(root / f"s{s}.tar", layout[f"s{s}.tar"])
     with ShardServer(root) as srv:
         srv.layout = layout

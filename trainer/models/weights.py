@@ -43,7 +43,7 @@ def load_autoencoder_weights(model: torch.nn.Module, path: str | Path) -> float 
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        hint = _config_difference(p / "autoencoder.json", model.config) if p.is_dir() else ""
+        hint = _config_difference(p / "autoencoder.json", model.config)  # our export only: else no file
         raise WeightsError(f"{p}: does not fit the autoencoder config{hint}: {str(exc)[:500]}") from None
     return scale
 
