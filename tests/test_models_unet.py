@@ -150,8 +150,8 @@ def test_class_conditional_model_needs_labels():
 
 
 def test_bf16_autocast_on_cpu_keeps_group_norm_and_attention_in_fp32():
-    """Under bf16 autocast on the CPU, GroupNorm and attention compute in fp32 (their bf16 CPU backward kernels
-    are 4x and 14x slower, issue 19) and hand bf16 back: outputs and gradients stay close to fp32's."""
+    """Under bf16 autocast on the CPU, GroupNorm computes in fp32 (its bf16 CPU backward kernel is 4x slower,
+    issue 19) and hands bf16 back: outputs and gradients stay close to fp32's."""
     from trainer.models import norm
 
     torch.manual_seed(0)
@@ -180,3 +180,40 @@ def test_bf16_autocast_on_cpu_keeps_group_norm_and_attention_in_fp32():
     y = torch.randn(2, 8, 4, 4).bfloat16()
     expect = torch.nn.functional.group_norm(y.float(), 4, layer.weight, layer.bias, 1e-5).bfloat16()
     assert torch.equal(layer(y), expect)
+
+
+def test_bf16_cpu_attention_is_explicit_for_short_sequences_and_fused_fp32_for_long(monkeypatch):
+    """bf16 CPU attention: an explicit bf16 QK^T with an fp32 softmax while the score matrix is small (2-4x faster
+    than the fp32 flash kernel at 4-64 tokens, issue 19), torch's fp32 flash kernel above the limit (no N x M
+    scores in memory); both within bf16 rounding of a float64 reference, values and gradients."""
+    from trainer.models import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).bfloat16().requires_grad_() for n in (64, 16, 16))
+
+    def ref():
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        out = ((q64 @ k64.transpose(-1, -2)) / 4.0).softmax(-1) @ v64
+        out.square().sum().backward()
+        return out, [x.grad for x in (q64, k64, v64)]
+
+    def run():
+        for x in (q, k, v):
+            x.grad = None
+        out = attention.dot_product_attention(q, k, v)
+        out.float().square().sum().backward()
+        return out, [x.grad for x in (q, k, v)]
+
+    expect, expect_grads = ref()
+    explicit, grads = run()
+    assert explicit.dtype == torch.bfloat16
+    assert torch.equal(explicit, attention._math(q, k, v))
+    monkeypatch.setattr(attention, "CPU_BF16_EXPLICIT_MAX_SCORES", 2 * 4 * 64 * 16 - 1)
+    fused, fused_grads = run()
+    expect_fused = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float()
+    ).bfloat16()
+    assert torch.equal(fused, expect_fused)
+    for out, gs in ((explicit, grads), (fused, fused_grads)):
+        assert rel_err(out.double(), expect) < 1e-2
+        assert all(rel_err(a.double(), b) < 3e-2 for a, b in zip(gs, expect_grads))

@@ -11,17 +11,26 @@ from torch import nn
 
 from .norm import cpu_bf16
 
+# Largest score matrix (batch x heads x queries x keys) that bf16 CPU attention computes explicitly.
+CPU_BF16_EXPLICIT_MAX_SCORES = 1 << 24
+
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if cpu_bf16(q):  # torch's bf16 CPU flash-attention backward is ~14x slower than fp32's (issue 19)
+    if cpu_bf16(q):
+        # torch's bf16 CPU flash-attention backward is ~14x slower than fp32's, and at the demo's token counts
+        # (4-64) the fp32 flash kernel is 2-4x slower than an explicit bf16 QK^T with an fp32 softmax
+        # (docs/benchmarks.md, issue 19, P20); long sequences keep the fused fp32 kernel (no N x M scores).
         with torch.autocast("cpu", enabled=False):
+            if q.shape[:-1].numel() * k.shape[-2] <= CPU_BF16_EXPLICIT_MAX_SCORES:
+                return _math(q, k, v)
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16/fp16 scores: an fp32 softmax
+    return scores.softmax(dim=-1, dtype=softmax_dtype).to(v.dtype) @ v
 
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
