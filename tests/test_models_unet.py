@@ -216,4 +216,4 @@ def test_bf16_cpu_attention_is_explicit_for_short_sequences_and_fused_fp32_for_l
     assert torch.equal(fused, expect_fused)
     for out, gs in ((explicit, grads), (fused, fused_grads)):
         assert rel_err(out.double(), expect) < 1e-2
-        assert all(rel_err(a.double(), b) < 3e-2 for a, b in zip(gs, expect_grads))
+        assert all(rel_err(a.double(), b) < 3e-2 for a, b in zip(gs, expect_grads, strict=True))
