@@ -61,14 +61,17 @@ def kernels(plain_bf16: bool):
         norm.CPU_BF16_IN_FP32 = old
 
 
-def ae_step(prec_name: str, plain: bool, fused: bool, batch: int = 32):
-    model = preset("autoencoder/demo_f8", Autoencoder).to(memory_format=torch.channels_last)
+def ae_step(
+    prec_name: str, plain: bool, fused: bool, batch: int = 32, size: int = 64, channels_last: bool = True
+):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = preset("autoencoder/demo_f8", Autoencoder).to(memory_format=fmt)
     loss = AutoencoderLoss(AutoencoderLossConfig(pixel_loss="l2", perceptual_weight=0.0, kl_weight=1e-6))
     params = [*model.parameters(), *loss.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused or None)
     prec = precision(prec_name)
-    x = (torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(
-        memory_format=torch.channels_last
+    x = (torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).contiguous(
+        memory_format=fmt
     )
 
     def step():

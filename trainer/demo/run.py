@@ -34,8 +34,8 @@ class DemoBudget:
 
     synth_images: int = 12000
     photo_crops: int = 6000
-    # 1,400 + 2,300 steps: 18.4 and 19.3 min in all on this VM's AMD EPYC (2026-12-02) before P20, ~33 on the Intel VM. With
-    # 1,900 UNet steps (17.2 min) the demo's held-out shape read 87.5%: the time left goes to the UNet (P19).
+    # 1,400 + 2,300 steps: 18.1-18.6 min in all on this VM's AMD EPYC since P20 (19.4-25.6 before it, ~33 on the
+    # Intel VM). With 1,900 UNet steps the demo's held-out shape read 87.5%: the time left goes to the UNet (P19).
     ae_steps: int = 1400
     unet_steps: int = 2300
     curve_points: int = 3  # checkpoints of the UNet run that get sampled and scored
