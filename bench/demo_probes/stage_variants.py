@@ -1,0 +1,78 @@
+"""Wall time of the demo's training stages under variants, as ``make demo`` runs them (issue 19, P21).
+
+    .venv/bin/python bench/demo_probes/stage_variants.py DEMO_RUN [--stage unet|autoencoder] [--steps 200]
+        [--rounds 2] [--variant NAME=OVERRIDE,OVERRIDE ...]
+
+DEMO_RUN is a finished (or stopped after precompute) ``make demo`` run folder: its ``data/mixed`` shards feed
+the autoencoder stage and its ``latents`` and ``autoencoder/export`` the UNet stage. Each variant is the real
+``python -m trainer.cli.train`` of that stage for ``--steps`` steps (no checkpoints), run alternately, round
+after round, so a slow spell of the machine falls on every variant alike. Printed per variant: the median
+seconds a step over the steps after the first 25 (from the process's own metrics log) and the process's wall
+time, and both relative to the first variant. Default variants: the loader's worker process against loading in
+the training process (``data.num_workers=0``: the same batches, each sample is seeded by its key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_VARIANTS = ["worker=data.num_workers=1", "in-process=data.num_workers=0"]
+
+
+def stage_args(stage: str, run: Path, steps: int, out: Path) -> list[str]:
+    common = [f"run_dir={out}", f"max_steps={steps}", "checkpoint.every=100000", "checkpoint.save_final=false",
+              "logger.log_every=1", "logger.progress=false"]  # fmt: skip
+    if stage == "autoencoder":
+        return ["experiment=demo_autoencoder", "data.batch_size=32", f"data.urls={run / 'data/mixed'}", *common]
+    return ["experiment=demo_unet", "data.batch_size=64", f"data.urls={run / 'latents'}",
+            f"weights.autoencoder={run / 'autoencoder/export'}", *common]  # fmt: skip
+
+
+def one(stage: str, run: Path, steps: int, overrides: list[str]) -> tuple[float, float]:
+    """(median step seconds after step 25, process wall seconds) of one training run."""
+    with tempfile.TemporaryDirectory(prefix="stagevar_") as tmp:
+        out = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "trainer.cli.train", *stage_args(stage, run, steps, out), *overrides]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        times = [r["step_time"] for r in rows if "step_time" in r and r["step"] > 25]
+    return statistics.median(times), wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--stage", choices=["unet", "autoencoder"], default="unet")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variant", action="append", help="NAME=override[,override...]")
+    args = p.parse_args()
+    variants = {}
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, _, overrides = spec.partition("=")
+        variants[name] = [o for o in overrides.split(",") if o]
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, overrides in variants.items():
+            results[name].append(one(args.stage, args.run.resolve(), args.steps, overrides))
+            step, wall = results[name][-1]
+            print(f"round {r}: {name}: {step:.3f} s a step, {wall:.1f} s wall", flush=True)
+    base_step = statistics.median(s for s, _ in results[next(iter(variants))])
+    base_wall = statistics.median(w for _, w in results[next(iter(variants))])
+    print(f"\n{args.stage}, {args.steps} steps, {args.rounds} rounds (medians; speed relative to the first):")
+    for name, res in results.items():
+        step, wall = statistics.median(s for s, _ in res), statistics.median(w for _, w in res)
+        print(f"  {name:<24} {step:.3f} s a step (x{base_step / step:.2f})   {wall:.1f} s wall (x{base_wall / wall:.2f})")
+
+
+if __name__ == "__main__":
+    main()
