@@ -30,7 +30,7 @@ def stage_args(stage: str, run: Path, steps: int, out: Path) -> list[str]:
     common = [f"run_dir={out}", f"max_steps={steps}", "checkpoint.every=100000", "checkpoint.save_final=false",
               "logger.log_every=1", "logger.progress=false"]  # fmt: skip
     if stage == "autoencoder":
-        return ["experiment=demo_autoencoder", "data.batch_size=32", f"data.urls={run / 'data/mixed'}", *common]
+        return ["experiment=demo_autoencoder", "data.batch_size=32", f"data.urls={run / 'data/mixed'}", *common]  # fmt: skip
     return ["experiment=demo_unet", "data.batch_size=64", f"data.urls={run / 'latents'}",
             f"weights.autoencoder={run / 'autoencoder/export'}", *common]  # fmt: skip
 
@@ -71,7 +71,10 @@ def main() -> None:
     print(f"\n{args.stage}, {args.steps} steps, {args.rounds} rounds (medians; speed relative to the first):")
     for name, res in results.items():
         step, wall = statistics.median(s for s, _ in res), statistics.median(w for _, w in res)
-        print(f"  {name:<24} {step:.3f} s a step (x{base_step / step:.2f})   {wall:.1f} s wall (x{base_wall / wall:.2f})")
+        ratios = (
+            f"{step:.3f} s a step (x{base_step / step:.2f})   {wall:.1f} s wall (x{base_wall / wall:.2f})"
+        )
+        print(f"  {name:<24} {ratios}")
 
 
 if __name__ == "__main__":
