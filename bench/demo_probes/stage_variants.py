@@ -15,7 +15,6 @@ the training process (``data.num_workers=0``: the same batches, each sample is s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.demo.figures import read_metrics
+from trainer.demo.run import DemoBudget
+
 DEFAULT_VARIANTS = ["worker=data.num_workers=1", "in-process=data.num_workers=0"]
 
 
 def stage_args(stage: str, run: Path, steps: int, out: Path) -> list[str]:
     common = [f"run_dir={out}", f"max_steps={steps}", "checkpoint.every=100000", "checkpoint.save_final=false",
               "logger.log_every=1", "logger.progress=false"]  # fmt: skip
+    budget = DemoBudget()  # the demo's batches, so the probe times the steps the demo takes
     if stage == "autoencoder":
-        return ["experiment=demo_autoencoder", "data.batch_size=32", f"data.urls={run / 'data/mixed'}", *common]  # fmt: skip
-    return ["experiment=demo_unet", "data.batch_size=64", f"data.urls={run / 'latents'}",
+        return ["experiment=demo_autoencoder", f"data.batch_size={budget.ae_batch}",
+                f"data.urls={run / 'data/mixed'}", *common]  # fmt: skip
+    return ["experiment=demo_unet", f"data.batch_size={budget.unet_batch}", f"data.urls={run / 'latents'}",
             f"weights.autoencoder={run / 'autoencoder/export'}", *common]  # fmt: skip
 
 
@@ -43,8 +47,7 @@ def one(stage: str, run: Path, steps: int, overrides: list[str]) -> tuple[float,
         cmd = [sys.executable, "-m", "trainer.cli.train", *stage_args(stage, run, steps, out), *overrides]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        times = [r["step_time"] for r in rows if "step_time" in r and r["step"] > 25]
+        times = [r["step_time"] for r in read_metrics(out)[1] if "step_time" in r and r["step"] > 25]
     return statistics.median(times), wall
 
 

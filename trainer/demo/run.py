@@ -34,8 +34,8 @@ class DemoBudget:
 
     synth_images: int = 12000
     photo_crops: int = 6000
-    # 1,400 + 2,300 steps: 18.1-18.6 min in all on this VM's AMD EPYC since P20 at its usual speed, 20-26 in its
-    # slow spells (steps up to 1.45x slower; ~33 on the Intel VM). P21 loads data in the training process.
+    # 1,400 + 2,300 steps: 18.1-18.6 min in all on this VM's AMD EPYC since P20 at its usual speed, 20.2-26.4
+    # in its slow spells (steps up to 1.45x slower; ~33 on the Intel VM). P21 loads data in the training process.
     # With 1,900 UNet steps the demo's held-out shape read 87.5%: the time left goes to the UNet (P19).
     ae_steps: int = 1400
     unet_steps: int = 2300
