@@ -8,13 +8,17 @@ the autoencoder stage and its ``latents`` and ``autoencoder/export`` the UNet st
 ``python -m trainer.cli.train`` of that stage for ``--steps`` steps (no checkpoints), run alternately, round
 after round, so a slow spell of the machine falls on every variant alike. Printed per variant: the median
 seconds a step over the steps after the first 25 (from the process's own metrics log) and the process's wall
-time, and both relative to the first variant. Default variants: the loader's worker process against loading in
-the training process (``data.num_workers=0``: the same batches, each sample is seeded by its key).
+time, and both relative to the first variant, and the process's minor page faults a step. Default variants: the
+loader's worker process against loading in the training process (``data.num_workers=0``: the same batches, each
+sample is seeded by its key). An override written ``@NAME=VALUE`` sets an environment variable of the process
+instead (P22: ``@MALLOC_MMAP_MAX_=0``, glibc's allocator tunables).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,16 +43,20 @@ def stage_args(stage: str, run: Path, steps: int, out: Path) -> list[str]:
             f"weights.autoencoder={run / 'autoencoder/export'}", *common]  # fmt: skip
 
 
-def one(stage: str, run: Path, steps: int, overrides: list[str]) -> tuple[float, float]:
-    """(median step seconds after step 25, process wall seconds) of one training run."""
+def one(stage: str, run: Path, steps: int, overrides: list[str]) -> tuple[float, float, float]:
+    """(median step seconds after step 25, process wall seconds, minor page faults a step) of one training run."""
+    env = dict(os.environ) | dict(o[1:].split("=", 1) for o in overrides if o.startswith("@"))
+    hydra = [o for o in overrides if not o.startswith("@")]
     with tempfile.TemporaryDirectory(prefix="stagevar_") as tmp:
         out = Path(tmp) / "run"
+        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "trainer.cli.train", *stage_args(stage, run, steps, out), *overrides]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "trainer.cli.train", *stage_args(stage, run, steps, out), *hydra]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
         times = [r["step_time"] for r in read_metrics(out)[1] if "step_time" in r and r["step"] > 25]
-    return statistics.median(times), wall
+    return statistics.median(times), wall, faults / steps
 
 
 def main() -> None:
@@ -63,19 +71,24 @@ def main() -> None:
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, overrides = spec.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for name, overrides in variants.items():
             results[name].append(one(args.stage, args.run.resolve(), args.steps, overrides))
-            step, wall = results[name][-1]
-            print(f"round {r}: {name}: {step:.3f} s a step, {wall:.1f} s wall", flush=True)
-    base_step = statistics.median(s for s, _ in results[next(iter(variants))])
-    base_wall = statistics.median(w for _, w in results[next(iter(variants))])
+            step, wall, faults = results[name][-1]
+            print(
+                f"round {r}: {name}: {step:.3f} s a step, {wall:.1f} s wall, {faults:.0f} faults a step",
+                flush=True,
+            )
+    base_step = statistics.median(s for s, _, _ in results[next(iter(variants))])
+    base_wall = statistics.median(w for _, w, _ in results[next(iter(variants))])
     print(f"\n{args.stage}, {args.steps} steps, {args.rounds} rounds (medians; speed relative to the first):")
     for name, res in results.items():
-        step, wall = statistics.median(s for s, _ in res), statistics.median(w for _, w in res)
+        step, wall = statistics.median(s for s, _, _ in res), statistics.median(w for _, w, _ in res)
+        faults = statistics.median(f for _, _, f in res)
         ratios = (
             f"{step:.3f} s a step (x{base_step / step:.2f})   {wall:.1f} s wall (x{base_wall / wall:.2f})"
+            f"   {faults:.0f} minor faults a step"
         )
         print(f"  {name:<24} {ratios}")
 
