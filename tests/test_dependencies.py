@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as md
-import re
 import sys
 import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement  # pytest's own dependency
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "data_pipeline", "slurm")
@@ -17,15 +19,16 @@ PACKAGES = ("trainer", "data_pipeline", "slurm")
 OPTIONAL = {"xformers"}
 
 
-def _name(requirement: str) -> str:
-    return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-
-
 def declared() -> set[str]:
-    """The project's dependencies and, one level down, what they require (omegaconf comes with hydra-core)."""
-    deps = {_name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    indirect = {_name(r) for d in deps for r in (md.requires(d) or []) if "extra ==" not in r}
-    return deps | indirect
+    """The project's dependencies and, one level down, what they require on this platform without extras
+    (omegaconf comes with hydra-core), as canonical distribution names."""
+    deps = {
+        Requirement(r)
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    indirect = {Requirement(r) for d in deps for r in (md.requires(d.name) or [])}
+    wanted = (r for r in deps | indirect if r.marker is None or r.marker.evaluate({"extra": ""}))
+    return {canonicalize_name(r.name) for r in wanted}
 
 
 def imported_modules() -> dict[str, set[str]]:
@@ -51,7 +54,7 @@ def test_every_imported_module_is_a_declared_dependency():
     missing = {
         module: sorted(files)
         for module, files in imported_modules().items()
-        if module not in OPTIONAL and not {_name(d) for d in dists.get(module, [module])} & ok
+        if module not in OPTIONAL and not {canonicalize_name(d) for d in dists.get(module, [module])} & ok
     }
     assert not missing, f"imported by the package but not in pyproject's dependencies: {missing}"
 

@@ -80,12 +80,13 @@ def main() -> None:
                 f"round {r}: {name}: {step:.3f} s a step, {wall:.1f} s wall, {faults:.0f} faults a step",
                 flush=True,
             )
-    base_step = statistics.median(s for s, _, _ in results[next(iter(variants))])
-    base_wall = statistics.median(w for _, w, _ in results[next(iter(variants))])
+    medians = {
+        name: [statistics.median(column) for column in zip(*res, strict=True)]
+        for name, res in results.items()
+    }
+    base_step, base_wall, _ = medians[next(iter(variants))]
     print(f"\n{args.stage}, {args.steps} steps, {args.rounds} rounds (medians; speed relative to the first):")
-    for name, res in results.items():
-        step, wall = statistics.median(s for s, _, _ in res), statistics.median(w for _, w, _ in res)
-        faults = statistics.median(f for _, _, f in res)
+    for name, (step, wall, faults) in medians.items():
         ratios = (
             f"{step:.3f} s a step (x{base_step / step:.2f})   {wall:.1f} s wall (x{base_wall / wall:.2f})"
             f"   {faults:.0f} minor faults a step"
